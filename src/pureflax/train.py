@@ -1,0 +1,264 @@
+"""The training run: data on the device, the shared step, logs, pictures and a checkpoint.
+
+``fit(config, mnist, out)`` trains the VAE as the tutorial does (same defaults, the same
+log line every 100 steps) and writes into ``out``: ``metrics.jsonl``, ``samples.png``,
+``reconstructions.png``, ``loss.png`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from pureflax import checkpoint, optim, step as step_lib, vae, viz
+from pureflax.data import MNIST, Split
+from pureflax.state import TrainState
+
+RUN_FILES = ("metrics.jsonl", "samples.png", "reconstructions.png", "loss.png", "checkpoints")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A run's settings; the defaults are the tutorial's."""
+
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many steps in all (None: the epochs)
+    batch_size: int = 16
+    kl_weight: float = 0.5
+    seed: int = 0xFFFF
+    log_every: int = 100
+    eval_batch_size: int = 1000
+    model: vae.VAEConfig = vae.VAEConfig()
+    optim: optim.OptimConfig = optim.OptimConfig()
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "log_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max-steps must be >= 1, got {self.max_steps!r}")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl-weight must be >= 0, got {self.kl_weight!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed!r}")
+
+    def steps_per_epoch(self, num_train: int) -> int:
+        """Full batches per epoch (the last partial batch is dropped, as the tutorial's loader does)."""
+        steps = num_train // self.batch_size
+        if steps < 1:
+            raise ValueError(f"batch-size {self.batch_size} is larger than the {num_train} training images")
+        return steps
+
+    def total_steps(self, num_train: int) -> int:
+        total = self.epochs * self.steps_per_epoch(num_train)
+        return total if self.max_steps is None else min(total, self.max_steps)
+
+
+class Keys(NamedTuple):
+    """The run's keys, all derived from the seed."""
+
+    model: jax.Array  # the params' init key (the tutorial's model_key)
+    train: jax.Array  # folded with the step number inside the train step
+    data: jax.Array  # folded with the epoch number for the shuffle
+    eval: jax.Array  # folded with the test batch index
+    sample: jax.Array  # for the sample grid
+
+
+def make_keys(seed: int) -> Keys:
+    return Keys(*jax.random.split(jax.random.PRNGKey(seed), 5))
+
+
+class RunResult(NamedTuple):
+    state: TrainState
+    log: list[dict[str, Any]]  # one dict per logged line
+    final: dict[str, Any]  # test metrics, final-epoch means, seconds
+
+
+def check_out_dir(out: Path, overwrite: bool = False) -> None:
+    """Refuse an ``out`` that holds a previous run (unless ``overwrite``) or cannot be written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(existing)}); pass --overwrite or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--out {out} is not writable: {err.strerror or err}") from None
+    for name in existing:  # --overwrite: clear the old run's files, nothing else in out
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def to_device(split: Split) -> step_lib.Batch:
+    """Put a split on the device once, as uint8 pixels and int32 labels."""
+    return step_lib.Batch(jax.device_put(np.asarray(split.images, np.uint8)), jax.device_put(np.asarray(split.labels, np.int32)))
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def epoch_order(key: jax.Array, num_train: int, batch_size: int) -> jax.Array:
+    """This epoch's shuffled indices as (steps, batch_size); the remainder is dropped."""
+    steps = num_train // batch_size
+    return jax.random.permutation(key, num_train)[: steps * batch_size].reshape(steps, batch_size)
+
+
+def make_advance(train_step):
+    """One dispatch per step: gather the batch on the device, step, add to the running sums."""
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def advance(state, sums, data: step_lib.Batch, order, i, key):
+        idx = order[i]
+        state, metrics = train_step(state, step_lib.Batch(data.images[idx], data.labels[idx]), key)
+        return state, sums + jnp.stack(metrics)
+
+    return advance
+
+
+def evaluate(eval_step, params, data: step_lib.Batch, key: jax.Array, batch_size: int) -> step_lib.Metrics:
+    """Mean loss terms over a whole split, in batches; batch i uses ``fold_in(key, i)``."""
+    n = data.labels.shape[0]
+    total = np.zeros(3)
+    for i, start in enumerate(range(0, n, batch_size)):
+        batch = step_lib.Batch(data.images[start : start + batch_size], data.labels[start : start + batch_size])
+        metrics = eval_step(params, batch, jax.random.fold_in(key, i))
+        total += np.asarray(jax.device_get(jnp.stack(metrics)), np.float64) * batch.labels.shape[0]
+    return step_lib.Metrics(*(total / n))
+
+
+def write_pictures(params, test: step_lib.Batch, model: vae.VAEConfig, key: jax.Array, out: Path, log: list[dict], test_loss: float) -> None:
+    """samples.png (row r = class r), reconstructions.png and loss.png."""
+    labels = jnp.repeat(jnp.arange(model.num_classes), 10)
+    samples = jax.jit(partial(vae.sample, config=model))(params, labels, key)
+    viz.save_samples(np.asarray(samples), out / "samples.png", model.num_classes)
+    n = min(40, (test.labels.shape[0] // 10) * 10)
+    if n:
+        x, c = step_lib.to_inputs(step_lib.Batch(test.images[:n], test.labels[:n]), model.num_classes)
+        mean, _ = vae.encode(params, x, model)
+        viz.save_reconstructions(np.asarray(x), np.asarray(vae.decode(params, mean, c, model)), out / "reconstructions.png")
+    steps = [row["global_step"] for row in log]
+    curves = {name: [row[name] for row in log] for name in ("loss", "mse", "kl")}
+    viz.save_loss_curve(steps, curves, out / "loss.png", test_loss)
+
+
+def format_line(epoch: int, step: int, loss: float, mse: float, kl: float) -> str:
+    """The tutorial's log line."""
+    return f"epoch {epoch} | step {step} | loss: {loss:.4f} ~ mse: {mse:.4f}. kl: {kl:.4f}"
+
+
+class Logger(NamedTuple):
+    """Where log lines go: the JSONL file, the terminal (above the bar) and the run's list."""
+
+    file: Any  # open text file, metrics.jsonl
+    bar: Any  # tqdm bar
+    rows: list[dict[str, Any]]
+
+    def emit(self, row: dict[str, Any], line: str | None = None) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()  # a crash keeps every line already logged
+        self.rows.append(row)
+        if line is not None:
+            self.bar.write(line)
+
+
+def run_epoch(advance, state, train: step_lib.Batch, order, train_key, *, epoch: int, steps: int, first_step: int, log_every: int, logger: Logger):
+    """Run ``steps`` steps of one epoch; log every ``log_every``; return the state and epoch means.
+
+    Metrics stay on the device as running sums and are fetched once per log window.
+    """
+    sums, window = jnp.zeros(3), 0
+    epoch_sums, epoch_count = np.zeros(3), 0
+    for i in range(steps):
+        state, sums = advance(state, sums, train, order, i, train_key)
+        window += 1
+        logged = (i + 1) % log_every == 0
+        if logged or i + 1 == steps:
+            window_sums = np.asarray(jax.device_get(sums), np.float64)
+            epoch_sums, epoch_count = epoch_sums + window_sums, epoch_count + window
+            if logged:
+                loss, mse, kl = (window_sums / window).tolist()
+                row = {"epoch": epoch, "step": i + 1, "global_step": first_step + i + 1, "loss": loss, "mse": mse, "kl": kl}
+                logger.emit(row, format_line(epoch, i + 1, loss, mse, kl))
+            logger.bar.update(window)
+            sums, window = jnp.zeros(3), 0
+    return state, epoch_sums / max(epoch_count, 1)
+
+
+def fit(config: TrainConfig, mnist: MNIST, out: str | Path, *, progress: bool | None = None) -> RunResult:
+    """Train the functional VAE and write the run's files into ``out``.
+
+    Args:
+        config: settings.
+        mnist: the data (host arrays); moved to the device once.
+        out: an existing, writable directory (see :func:`check_out_dir`).
+        progress: show a progress bar; ``None`` shows it on a terminal only.
+
+    Returns:
+        The final state, the logged lines and the final metrics.
+    """
+    out = Path(out)
+    start = time.perf_counter()
+    keys = make_keys(config.seed)
+    train, test = to_device(mnist.train), to_device(mnist.test)
+    num_train = int(train.labels.shape[0])
+    steps_per_epoch, total = config.steps_per_epoch(num_train), config.total_steps(num_train)
+
+    params = vae.init(keys.model, config.model)
+    tx = optim.make_optimizer(config.optim, total, params)
+    state = TrainState.create(params, tx)
+    loss_fn = step_lib.make_loss_fn(
+        partial(vae.apply, config=config.model), kl_weight=config.kl_weight, num_classes=config.model.num_classes
+    )
+    advance = make_advance(step_lib.make_train_step(loss_fn, tx))
+
+    disable = None if progress is None else not progress
+    with open(out / "metrics.jsonl", "a") as file, tqdm(total=total, disable=disable, unit="step", dynamic_ncols=True) as bar:
+        logger = Logger(file, bar, [])
+        done, epoch, epoch_means = 0, 0, np.zeros(3)
+        for epoch in range(config.epochs):
+            if done >= total:
+                break
+            order = epoch_order(jax.random.fold_in(keys.data, epoch), num_train, config.batch_size)
+            steps = min(steps_per_epoch, total - done)
+            state, epoch_means = run_epoch(
+                advance, state, train, order, keys.train,
+                epoch=epoch, steps=steps, first_step=done, log_every=config.log_every, logger=logger,
+            )
+            done += steps
+        test_metrics = evaluate(step_lib.make_eval_step(loss_fn), state.params, test, keys.eval, config.eval_batch_size)
+        final = {
+            "test_loss": float(test_metrics.loss),
+            "test_mse": float(test_metrics.mse),
+            "test_kl": float(test_metrics.kl),
+            "final_epoch": epoch,
+            "final_epoch_loss": float(epoch_means[0]),
+            "final_epoch_mse": float(epoch_means[1]),
+            "final_epoch_kl": float(epoch_means[2]),
+            "steps": done,
+            "checkpoint_step": checkpoint.save(out / "checkpoints", state),
+        }
+        write_pictures(state.params, test, config.model, keys.sample, out, logger.rows, final["test_loss"])
+        final["seconds"] = round(time.perf_counter() - start, 2)
+        logger.emit(final)
+    print(
+        f"test loss: {final['test_loss']:.4f} ~ mse: {final['test_mse']:.4f}. kl: {final['test_kl']:.4f} | "
+        f"epoch {epoch} mean loss: {final['final_epoch_loss']:.4f} ~ mse: {final['final_epoch_mse']:.4f}. "
+        f"kl: {final['final_epoch_kl']:.4f} | {final['seconds']:.1f} s"
+    )
+    return RunResult(state, logger.rows[:-1], final)
