@@ -107,7 +107,7 @@ def configure(args: argparse.Namespace):
         end_lr=args.end_lr, clip_norm=args.clip_norm, ema=args.ema, grad_accum=args.grad_accum, freeze=args.freeze,
     )
     if args.freeze:  # check the paths now, on shapes only, before any data is loaded
-        optim.freeze_labels(jax.eval_shape(vae.init, jax.random.PRNGKey(0), model), args.freeze)
+        optim.freeze_labels(jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), model)), args.freeze)
     return TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, kl_weight=args.kl_weight,
         seed=args.seed, log_every=args.log_every, model=model, optim=optimizer,

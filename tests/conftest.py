@@ -1,12 +1,21 @@
 """Shared test configuration: strict numerics, explicit keys."""
 
 import itertools
+import os
+import tempfile
 
 import jax
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")
+
+# One persistent compilation cache for the whole session, shared with the scripts the
+# tests run in subprocesses: XLA on CPU spends ~0.4 s compiling each random-init kernel.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pureflax-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @pytest.fixture

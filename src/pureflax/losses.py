@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Real
+
+Weight = float | int | Real[Array, ""]  # a Python number, or a traced scalar (e.g. an annealed weight)
 
 
 def kl_divergence(
@@ -24,7 +26,7 @@ def vae_loss(
     x: Float[Array, "batch features"],
     mean: Float[Array, "batch latent"],
     logvar: Float[Array, "batch latent"],
-    kl_weight: float = 0.5,
+    kl_weight: Weight = 0.5,
 ) -> tuple[Float[Array, ""], tuple[Float[Array, ""], Float[Array, ""]]]:
     """The tutorial's ``loss_fn`` body: ``mse + kl_weight * kl``.
 

@@ -155,5 +155,5 @@ def make_optimizer(
             {"train": tx, "freeze": optax.set_to_zero()}, freeze_labels(params, config.freeze)
         )
     if config.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum)
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum).gradient_transformation()
     return tx

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 
-from pureflax.losses import vae_loss
+from pureflax.losses import Weight, vae_loss
 
 ApplyFn = Callable[..., tuple[Array, Array, Array]]  # (params, x, c, key) -> (recon, mean, logvar)
 LossFn = Callable[..., tuple[Array, tuple[Array, Array]]]  # (params, batch, key) -> (loss, (mse, kl))
@@ -58,7 +58,7 @@ def to_inputs(batch: Batch, num_classes: int = 10) -> tuple[Float[Array, "batch 
     return x, c
 
 
-def make_loss_fn(apply_fn: ApplyFn, *, kl_weight: float = 0.5, num_classes: int = 10) -> LossFn:
+def make_loss_fn(apply_fn: ApplyFn, *, kl_weight: Weight = 0.5, num_classes: int = 10) -> LossFn:
     """The tutorial's ``loss_fn`` over any ``apply(params, x, c, key)``.
 
     Returns:

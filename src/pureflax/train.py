@@ -219,7 +219,7 @@ def fit(config: TrainConfig, mnist: MNIST, out: str | Path, *, progress: bool | 
     num_train = int(train.labels.shape[0])
     steps_per_epoch, total = config.steps_per_epoch(num_train), config.total_steps(num_train)
 
-    params = vae.init(keys.model, config.model)
+    params = jax.jit(vae.init, static_argnums=1)(keys.model, config.model)
     tx = optim.make_optimizer(config.optim, total, params)
     state = TrainState.create(params, tx)
     loss_fn = step_lib.make_loss_fn(

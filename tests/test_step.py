@@ -1,0 +1,155 @@
+"""The shared train step against the tutorial's own train_step, step for step."""
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pureflax import TrainState, optim, vae
+from pureflax.step import Batch, make_eval_step, make_loss_fn, make_train_step, to_inputs
+
+CONFIG = vae.VAEConfig(encoder_dimensions=(32, 16), decoder_dimensions=(16, 49), latent_dim=4, num_classes=10, input_dim=49)
+KL_WEIGHT = 0.5
+
+
+class FeedForward(fnn.Module):
+    dimensions: tuple
+    drop_last_activation: bool = False
+
+    @fnn.compact
+    def __call__(self, x):
+        for i, d in enumerate(self.dimensions):
+            x = fnn.Dense(d)(x)
+            if i != len(self.dimensions) - 1 or not self.drop_last_activation:
+                x = fnn.relu(x)
+        return x
+
+
+class TutorialVAE(fnn.Module):
+    """The tutorial's VAE with CONFIG's sizes (the full-size one is in test_vae.py)."""
+
+    def setup(self):
+        self.encoder = FeedForward(CONFIG.encoder_dimensions)
+        self.pre_latent_proj = fnn.Dense(CONFIG.latent_dim * 2)
+        self.post_latent_proj = fnn.Dense(CONFIG.encoder_dimensions[-1])
+        self.class_proj = fnn.Dense(CONFIG.encoder_dimensions[-1])
+        self.decoder = FeedForward(CONFIG.decoder_dimensions)
+
+    def __call__(self, x, c, key):
+        mean, logvar = jnp.split(self.pre_latent_proj(self.encoder(x)), 2, axis=-1)
+        z = jax.random.normal(key, mean.shape) * jnp.exp(logvar * 0.5) + mean
+        return self.decoder(self.post_latent_proj(z) + self.class_proj(c)), mean, logvar
+
+
+def tutorial_train_step(model, optimiser):
+    """create_train_step from the tutorial, minus the init (params come from outside)."""
+
+    def loss_fn(params, x, c, key):
+        reduce_dims = list(range(1, len(x.shape)))
+        c = jax.nn.one_hot(c, 10)
+        recon, mean, logvar = model.apply(params, x, c, key)
+        mse_loss = optax.l2_loss(recon, x).sum(axis=reduce_dims).mean()
+        kl_loss = jnp.mean(-0.5 * jnp.sum(1 + logvar - mean**2 - jnp.exp(logvar), axis=reduce_dims))
+        loss = mse_loss + KL_WEIGHT * kl_loss
+        return loss, (mse_loss, kl_loss)
+
+    @jax.jit
+    def train_step(params, opt_state, x, c, key):
+        losses, grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, c, key)
+        loss, (mse_loss, kl_loss) = losses
+        updates, opt_state = optimiser.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, loss, mse_loss, kl_loss
+
+    return train_step
+
+
+def batches(n_steps, batch_size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n_steps):
+        yield Batch(
+            jnp.asarray(rng.integers(0, 256, (batch_size, 49), dtype=np.uint8)),
+            jnp.asarray(rng.integers(0, 10, batch_size, dtype=np.int32)),
+        )
+
+
+def test_shared_step_follows_the_tutorials_train_step():
+    key = jax.random.PRNGKey(0)
+    params = vae.init(key, CONFIG)
+    tx = optax.adamw(1e-3)
+    train_key = jax.random.PRNGKey(1)
+    step = make_train_step(make_loss_fn(vae.apply, kl_weight=KL_WEIGHT), tx)
+    reference = tutorial_train_step(TutorialVAE(), tx)
+
+    ref_params = {"params": jax.tree_util.tree_map(jnp.copy, params)}  # the step donates its state's buffers
+    ref_opt = tx.init(ref_params)
+    state = TrainState.create(params, tx)
+    for i, batch in enumerate(batches(20)):
+        state, metrics = step(state, batch, train_key)
+        x = batch.images.astype(jnp.float32) / 255.0  # the tutorial's ToTensor() scaling
+        ref_params, ref_opt, loss, mse, kl = reference(ref_params, ref_opt, x, batch.labels, jax.random.fold_in(train_key, i))
+        np.testing.assert_allclose([metrics.loss, metrics.mse, metrics.kl], [loss, mse, kl], rtol=1e-5)
+    assert int(state.step) == 20
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(ref_params["params"])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_step_keys_come_from_fold_in_of_the_step_number():
+    """A state restored at step k takes the same update as the uninterrupted run."""
+    tx = optax.adam(1e-3)
+    step = make_train_step(make_loss_fn(vae.apply), tx)
+    key = jax.random.PRNGKey(3)
+    data = list(batches(6, seed=1))
+    state = TrainState.create(vae.init(jax.random.PRNGKey(0), CONFIG), tx)
+    for batch in data[:3]:
+        state, _ = step(state, batch, key)
+    resumed = jax.tree_util.tree_map(jnp.copy, state)  # as if restored from a checkpoint
+    for batch in data[3:]:
+        state, m1 = step(state, batch, key)
+        resumed, m2 = step(resumed, batch, key)
+        assert float(m1.loss) == float(m2.loss)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_eval_step_is_the_loss_without_an_update():
+    params = vae.init(jax.random.PRNGKey(0), CONFIG)
+    loss_fn = make_loss_fn(vae.apply)
+    batch = next(batches(1))
+    key = jax.random.PRNGKey(9)
+    metrics = make_eval_step(loss_fn)(params, batch, key)
+    loss, (mse, kl) = loss_fn(params, batch, key)
+    np.testing.assert_allclose([metrics.loss, metrics.mse, metrics.kl], [loss, mse, kl], rtol=1e-6)
+
+
+def test_to_inputs_scales_pixels_and_one_hots_labels():
+    x, c = to_inputs(Batch(jnp.array([[0, 255, 51]], jnp.uint8), jnp.array([2], jnp.int32)), num_classes=3)
+    np.testing.assert_allclose(x, [[0.0, 1.0, 0.2]], rtol=1e-6)
+    np.testing.assert_array_equal(c, [[0.0, 0.0, 1.0]])
+
+
+def test_frozen_params_stay_bit_identical_through_the_shared_step():
+    params = vae.init(jax.random.PRNGKey(0), CONFIG)
+    tx = optim.make_optimizer(optim.OptimConfig(freeze=("encoder", "pre_latent_proj"), lr=1e-2), 10, params)
+    step = make_train_step(make_loss_fn(vae.apply), tx)
+    state = TrainState.create(params, tx)
+    start = jax.tree_util.tree_map(np.asarray, params)
+    for batch in batches(10):
+        state, _ = step(state, batch, jax.random.PRNGKey(1))
+    for name in ("encoder", "pre_latent_proj"):
+        for a, b in zip(jax.tree_util.tree_leaves(state.params[name]), jax.tree_util.tree_leaves(start[name])):
+            np.testing.assert_array_equal(a, b)
+    for name in ("post_latent_proj", "class_proj", "decoder"):
+        for a, b in zip(jax.tree_util.tree_leaves(state.params[name]), jax.tree_util.tree_leaves(start[name])):
+            assert not np.array_equal(a, b), name
+
+
+def test_batch_of_wrong_width_is_rejected_at_trace_time():
+    tx = optax.sgd(0.1)
+    step = make_train_step(make_loss_fn(vae.apply), tx)
+    state = TrainState.create(vae.init(jax.random.PRNGKey(0), CONFIG), tx)
+    bad = Batch(jnp.zeros((4, 50), jnp.uint8), jnp.zeros(4, jnp.int32))
+    with pytest.raises(ValueError, match=r"\(4, 50\).*49"):
+        step(state, bad, jax.random.PRNGKey(0))

@@ -1,0 +1,167 @@
+"""scripts/train.py end to end on tiny data, and its answers to bad input."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from pureflax import TrainState, checkpoint, optim, train, vae
+from pureflax.data import MNIST, Split, save_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train.py"
+
+
+def tiny_mnist(n_train=96, n_test=30, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = rng.integers(0, 10, n).astype(np.int32)
+        images = rng.integers(0, 40, (n, 784)).astype(np.uint8)
+        images[np.arange(n), labels * 70 + 50] = 255  # a class-dependent bright pixel: something to learn
+        return Split(images, labels)
+
+    return MNIST(split(n_train), split(n_test))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "mnist"
+    save_mnist(tiny_mnist(), path)
+    return path
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(*args, timeout=240):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = run_script("--data", tiny_data, "--out", out, "--epochs", "2", "--batch-size", "8", "--log-every", "4")
+    return result, out
+
+
+def test_smoke_run_succeeds_and_logs_the_tutorial_line(smoke_run):
+    result, _ = smoke_run
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert lines[0].startswith("epoch 0 | step 4 | loss: ") and " ~ mse: " in lines[0] and ". kl: " in lines[0]
+    assert len(lines) == 2 * (96 // 8 // 4)
+    assert "test loss:" in result.stdout
+
+
+def test_smoke_run_writes_every_output(smoke_run):
+    result, out = smoke_run
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged, final = rows[:-1], rows[-1]
+    assert len(logged) == 6
+    for row in logged:
+        assert {"epoch", "step", "loss", "mse", "kl"} <= row.keys()
+        assert np.isclose(row["loss"], row["mse"] + 0.5 * row["kl"], rtol=1e-4)
+    assert [r["epoch"] for r in logged] == [0, 0, 0, 1, 1, 1]
+    assert {"test_loss", "test_mse", "test_kl", "seconds"} <= final.keys()
+    assert final["steps"] == 24 and final["checkpoint_step"] == 24
+    for name in ("samples.png", "reconstructions.png", "loss.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "checkpoints" / "24" / "commit_success.txt").exists()
+
+
+def test_checkpoint_of_the_run_restores(smoke_run):
+    _, out = smoke_run
+    config = vae.VAEConfig()
+    params = vae.init(jax.random.PRNGKey(0), config)
+    tx = optim.make_optimizer(optim.OptimConfig(), 24, params)
+    restored = checkpoint.restore(out / "checkpoints", TrainState.create(params, tx))
+    assert int(restored.step) == 24
+    assert not np.array_equal(restored.params["encoder"]["Dense_0"]["kernel"], params["encoder"]["Dense_0"]["kernel"])
+
+
+def test_fit_is_deterministic_and_learns(tmp_path):
+    config = train.TrainConfig(epochs=3, batch_size=8, log_every=4, seed=3)
+    data = tiny_mnist()
+    results = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        results.append(train.fit(config, data, tmp_path / name, progress=False))
+    a, b = results
+    assert [r["loss"] for r in a.log] == [r["loss"] for r in b.log]
+    assert a.log[-1]["loss"] < a.log[0]["loss"]
+    for x, y in zip(jax.tree_util.tree_leaves(a.state), jax.tree_util.tree_leaves(b.state)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_max_steps_stops_early(tiny_data, tmp_path):
+    result = run_script("--data", tiny_data, "--out", tmp_path / "o", "--max-steps", "5", "--batch-size", "8", "--log-every", "5")
+    assert result.returncode == 0, result.stderr
+    final = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["steps"] == 5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "--batch-size: must be >= 1"),
+        (["--lr", "abc"], "--lr: expected a number"),
+        (["--lr", "-1"], "lr must be > 0"),
+        (["--epochs", "2.5"], "--epochs: expected a whole number"),
+        (["--backend", "torch"], "--backend: invalid choice"),
+        (["--backend", "equinox"], "--backend equinox is not available"),
+        (["--backend", "flax"], "--backend flax is not available"),
+        (["--optimizer", "rmsprop"], "--optimizer: invalid choice"),
+        (["--schedule", "warmup"], "warmup-steps >= 1"),
+        (["--ema", "1.5"], "ema decay must be in [0, 1)"),
+        (["--seed", "-3"], "--seed: must be in [0, 2**32)"),
+        (["--freeze", "encodr"], "--freeze 'encodr' matches no parameter"),
+        (["--data", "/no/such/mnist"], "--data /no/such/mnist does not exist"),
+        (["--kl-weight", "nan"], "--kl-weight: must be finite"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(["--out", str(tmp_path / "o"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert message in err
+    assert not (tmp_path / "o").exists()  # nothing was created for a refused run
+
+
+@pytest.mark.parametrize("args", [["--lr", "abc"], ["--freeze", "encodr"]])
+def test_bad_flags_from_the_command_line_print_no_traceback(tmp_path, args):
+    result = run_script("--out", tmp_path / "o", *args, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_out_holding_a_run_is_refused_unless_overwrite(smoke_run, tiny_data):
+    _, out = smoke_run
+    before = (out / "metrics.jsonl").read_text()
+    result = run_script("--data", tiny_data, "--out", out, "--max-steps", "2", "--batch-size", "8")
+    assert result.returncode == 2 and "already holds a run" in result.stderr and "--overwrite" in result.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path, tiny_data):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_script("--data", tiny_data, "--out", blocker / "sub", "--max-steps", "2", "--batch-size", "8")
+    assert result.returncode == 2 and "--out" in result.stderr and "Traceback" not in result.stderr
