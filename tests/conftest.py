@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import shutil
 import tempfile
 
 import jax
@@ -12,7 +13,10 @@ jax.config.update("jax_numpy_dtype_promotion", "standard")
 
 # One persistent compilation cache for the whole session, shared with the scripts the
 # tests run in subprocesses: XLA on CPU spends ~0.4 s compiling each random-init kernel.
-_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pureflax-jax-cache-"))
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pureflax-jax-cache-")
+_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
@@ -23,3 +27,8 @@ def getkey():
     """Return a function that hands out a fresh, distinct key on each call."""
     counter = itertools.count()
     return lambda: jax.random.key(next(counter))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)
