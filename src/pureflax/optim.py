@@ -103,25 +103,31 @@ def _frozen(path: str, prefixes: Sequence[str]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
 
 
-def freeze_labels(params: Any, freeze: Sequence[str]) -> Any:
+def freeze_labels(params: Any, freeze: Sequence[str], names: Any | None = None) -> Any:
     """A tree like ``params`` of ``'freeze'`` / ``'train'`` labels.
+
+    Args:
+        params: the params, in any form.
+        freeze: functional path prefixes, e.g. ``('encoder', 'decoder/Dense_2')``.
+        names: a tree like ``params`` of each leaf's functional path; by default the
+            params' own key paths (right for the functional dict).
 
     Raises:
         ValueError: a path in ``freeze`` matches no param; the message lists the
             top-level names there are.
     """
-    paths = param_paths(params)
+    if names is None:
+        names = jax.tree_util.tree_map_with_path(lambda p, _: path_str(p), params)
+    paths = jax.tree_util.tree_leaves(names)
     for prefix in freeze:
         if not any(_frozen(p, [prefix]) for p in paths):
-            names = sorted({p.split("/")[0] for p in paths})
-            raise ValueError(f"--freeze {prefix!r} matches no parameter; top-level names are {', '.join(names)}")
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: "freeze" if _frozen(path_str(p), freeze) else "train", params
-    )
+            top = sorted({p.split("/")[0] for p in paths})
+            raise ValueError(f"--freeze {prefix!r} matches no parameter; top-level names are {', '.join(top)}")
+    return jax.tree_util.tree_map(lambda name: "freeze" if _frozen(name, freeze) else "train", names)
 
 
 def make_optimizer(
-    config: OptimConfig, total_steps: int, params: Any | None = None
+    config: OptimConfig, total_steps: int, params: Any | None = None, names: Any | None = None
 ) -> optax.GradientTransformation:
     """Compose the optimiser that ``config`` describes.
 
@@ -130,6 +136,8 @@ def make_optimizer(
         total_steps: train steps in the run (schedules span ``total_steps // grad_accum``
             optimiser updates).
         params: needed when ``config.freeze`` is set, to label the tree.
+        names: each param's functional path, for params in another form (see
+            :func:`freeze_labels`).
 
     Returns:
         An ``optax.GradientTransformation``.
@@ -152,7 +160,7 @@ def make_optimizer(
         if params is None:
             raise ValueError("make_optimizer: freezing needs the params to label")
         tx = optax.multi_transform(
-            {"train": tx, "freeze": optax.set_to_zero()}, freeze_labels(params, config.freeze)
+            {"train": tx, "freeze": optax.set_to_zero()}, freeze_labels(params, config.freeze, names)
         )
     if config.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum).gradient_transformation()

@@ -21,8 +21,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pureflax import checkpoint, optim, step as step_lib, vae, viz
+from pureflax.backend import Backend, functional_backend
 from pureflax.data import MNIST, Split
-from pureflax.state import TrainState
 
 RUN_FILES = ("metrics.jsonl", "samples.png", "reconstructions.png", "loss.png", "checkpoints")
 
@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0xFFFF
     log_every: int = 100
     eval_batch_size: int = 1000
+    native_init: bool = False  # each library's own initialiser instead of the functional (Flax) one
     model: vae.VAEConfig = vae.VAEConfig()
     optim: optim.OptimConfig = optim.OptimConfig()
 
@@ -79,7 +80,7 @@ def make_keys(seed: int) -> Keys:
 
 
 class RunResult(NamedTuple):
-    state: TrainState
+    state: Any  # the backend's own state (pureflax or Flax TrainState)
     log: list[dict[str, Any]]  # one dict per logged line
     final: dict[str, Any]  # test metrics, final-epoch means, seconds
 
@@ -200,13 +201,47 @@ def run_epoch(advance, state, train: step_lib.Batch, order, train_key, *, epoch:
     return state, epoch_sums / max(epoch_count, 1)
 
 
-def fit(config: TrainConfig, mnist: MNIST, out: str | Path, *, progress: bool | None = None) -> RunResult:
-    """Train the functional VAE and write the run's files into ``out``.
+def build(config: TrainConfig, backend: Backend, total_steps: int, key: jax.Array):
+    """The backend's fresh state, its optimiser and THE train step built for it.
+
+    Returns:
+        ``(state, tx, loss_fn, train_step)``.
+    """
+    params = backend.init_params(key, config.native_init)
+    tx = optim.make_optimizer(config.optim, total_steps, params, backend.param_names(params))
+    state = backend.create_state(params, tx)
+    loss_fn = step_lib.make_loss_fn(backend.apply, kl_weight=config.kl_weight, num_classes=config.model.num_classes)
+    train_step = step_lib.make_train_step(loss_fn, tx, apply_gradients=backend.apply_gradients(tx))
+    return state, tx, loss_fn, train_step
+
+
+def save_state(directory: Path, state: Any, backend: Backend) -> int:
+    """Checkpoint any backend's state in the functional form, so every backend can restore it."""
+    return checkpoint.save(directory, backend.to_functional(state))
+
+
+def restore_state(directory: Path, like: Any, backend: Backend, step: int | None = None) -> Any:
+    """Restore a checkpoint written by any backend into ``like``, a state of ``backend``'s form."""
+    functional = checkpoint.restore(directory, backend.to_functional(like), step)
+    return backend.from_functional(functional, like)
+
+
+def fit(
+    config: TrainConfig,
+    mnist: MNIST,
+    out: str | Path,
+    *,
+    backend: Backend | None = None,
+    progress: bool | None = None,
+) -> RunResult:
+    """Train the VAE in ``backend``'s form and write the run's files into ``out``.
 
     Args:
         config: settings.
         mnist: the data (host arrays); moved to the device once.
         out: an existing, writable directory (see :func:`check_out_dir`).
+        backend: the model form; functional by default (``pureflax.compat.backends``
+            has the Equinox and Flax ones).
         progress: show a progress bar; ``None`` shows it on a terminal only.
 
     Returns:
@@ -219,13 +254,9 @@ def fit(config: TrainConfig, mnist: MNIST, out: str | Path, *, progress: bool | 
     num_train = int(train.labels.shape[0])
     steps_per_epoch, total = config.steps_per_epoch(num_train), config.total_steps(num_train)
 
-    params = jax.jit(vae.init, static_argnums=1)(keys.model, config.model)
-    tx = optim.make_optimizer(config.optim, total, params)
-    state = TrainState.create(params, tx)
-    loss_fn = step_lib.make_loss_fn(
-        partial(vae.apply, config=config.model), kl_weight=config.kl_weight, num_classes=config.model.num_classes
-    )
-    advance = make_advance(step_lib.make_train_step(loss_fn, tx))
+    backend = backend or functional_backend(config.model)
+    state, _, loss_fn, train_step = build(config, backend, total, keys.model)
+    advance = make_advance(train_step)
 
     disable = None if progress is None else not progress
     with open(out / "metrics.jsonl", "a") as file, tqdm(total=total, disable=disable, unit="step", dynamic_ncols=True) as bar:
@@ -251,9 +282,9 @@ def fit(config: TrainConfig, mnist: MNIST, out: str | Path, *, progress: bool | 
             "final_epoch_mse": float(epoch_means[1]),
             "final_epoch_kl": float(epoch_means[2]),
             "steps": done,
-            "checkpoint_step": checkpoint.save(out / "checkpoints", state),
+            "checkpoint_step": save_state(out / "checkpoints", state, backend),
         }
-        write_pictures(state.params, test, config.model, keys.sample, out, logger.rows, final["test_loss"])
+        write_pictures(backend.to_functional(state).params, test, config.model, keys.sample, out, logger.rows, final["test_loss"])
         final["seconds"] = round(time.perf_counter() - start, 2)
         logger.emit(final)
     print(
