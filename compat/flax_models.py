@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Tuple
 
 import flax.linen as nn
 import jax
@@ -55,7 +54,7 @@ class ModelCompact(nn.Module):
 class FeedForward(nn.Module):
     """A stack of dense layers with an activation after each (optionally not the last)."""
 
-    dimensions: Tuple[int, ...] = (256, 128, 64)
+    dimensions: tuple[int, ...] = (256, 128, 64)
     activation_fn: Callable = nn.relu
     drop_last_activation: bool = False
 
@@ -71,8 +70,8 @@ class FeedForward(nn.Module):
 class VAE(nn.Module):
     """The tutorial's class-conditioned VAE."""
 
-    encoder_dimensions: Tuple[int, ...] = (256, 128, 64)
-    decoder_dimensions: Tuple[int, ...] = (128, 256, 784)
+    encoder_dimensions: tuple[int, ...] = (256, 128, 64)
+    decoder_dimensions: tuple[int, ...] = (128, 256, 784)
     latent_dim: int = 4
     activation_fn: Callable = nn.relu
 
@@ -99,7 +98,7 @@ class VAE(nn.Module):
         x = self.decoder(x)
         return x
 
-    def __call__(self, x: ArrayLike, c: ArrayLike, key: jax.Array) -> Tuple[ArrayLike, ArrayLike, ArrayLike]:
+    def __call__(self, x: ArrayLike, c: ArrayLike, key: jax.Array) -> tuple[ArrayLike, ArrayLike, ArrayLike]:
         mean, logvar = self.encode(x)
         z = self.reparam(mean, logvar, key)
         y = self.decode(z, c)

@@ -159,9 +159,9 @@ def make_optimizer(
     if config.freeze:
         if params is None:
             raise ValueError("make_optimizer: freezing needs the params to label")
-        tx = optax.multi_transform(
-            {"train": tx, "freeze": optax.set_to_zero()}, freeze_labels(params, config.freeze, names)
-        )
+        labels = freeze_labels(params, config.freeze, names)
+        # through a function: optax would call a labels tree that is callable (an Equinox module)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, lambda _: labels)
     if config.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum).gradient_transformation()
     return tx
