@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pureflax import nn
+from pureflax.compat.flax_models import FeedForward as FlaxFeedForward  # the tutorial's module
 
 
 def assert_trees_equal(a, b):
@@ -14,22 +15,6 @@ def assert_trees_equal(a, b):
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         assert x.shape == y.shape and x.dtype == y.dtype
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-class FlaxFeedForward(fnn.Module):
-    """The tutorial's FeedForward, as written there."""
-
-    dimensions: tuple = (256, 128, 64)
-    activation_fn: object = fnn.relu
-    drop_last_activation: bool = False
-
-    @fnn.compact
-    def __call__(self, x):
-        for i, d in enumerate(self.dimensions):
-            x = fnn.Dense(d)(x)
-            if i != len(self.dimensions) - 1 or not self.drop_last_activation:
-                x = self.activation_fn(x)
-        return x
 
 
 def test_dense_init_is_flax_init_bitwise(getkey):

@@ -1,6 +1,5 @@
 """The shared train step against the tutorial's own train_step, step for step."""
 
-import flax.linen as fnn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,39 +7,18 @@ import optax
 import pytest
 
 from pureflax import TrainState, optim, vae
+from pureflax.compat import flax_models
 from pureflax.step import Batch, make_eval_step, make_loss_fn, make_train_step, to_inputs
 
 CONFIG = vae.VAEConfig(encoder_dimensions=(32, 16), decoder_dimensions=(16, 49), latent_dim=4, num_classes=10, input_dim=49)
 KL_WEIGHT = 0.5
 
 
-class FeedForward(fnn.Module):
-    dimensions: tuple
-    drop_last_activation: bool = False
-
-    @fnn.compact
-    def __call__(self, x):
-        for i, d in enumerate(self.dimensions):
-            x = fnn.Dense(d)(x)
-            if i != len(self.dimensions) - 1 or not self.drop_last_activation:
-                x = fnn.relu(x)
-        return x
-
-
-class TutorialVAE(fnn.Module):
-    """The tutorial's VAE with CONFIG's sizes (the full-size one is in test_vae.py)."""
-
-    def setup(self):
-        self.encoder = FeedForward(CONFIG.encoder_dimensions)
-        self.pre_latent_proj = fnn.Dense(CONFIG.latent_dim * 2)
-        self.post_latent_proj = fnn.Dense(CONFIG.encoder_dimensions[-1])
-        self.class_proj = fnn.Dense(CONFIG.encoder_dimensions[-1])
-        self.decoder = FeedForward(CONFIG.decoder_dimensions)
-
-    def __call__(self, x, c, key):
-        mean, logvar = jnp.split(self.pre_latent_proj(self.encoder(x)), 2, axis=-1)
-        z = jax.random.normal(key, mean.shape) * jnp.exp(logvar * 0.5) + mean
-        return self.decoder(self.post_latent_proj(z) + self.class_proj(c)), mean, logvar
+def TutorialVAE():
+    """The tutorial's VAE (compat.flax_models) with CONFIG's sizes."""
+    return flax_models.VAE(
+        encoder_dimensions=CONFIG.encoder_dimensions, decoder_dimensions=CONFIG.decoder_dimensions, latent_dim=CONFIG.latent_dim
+    )
 
 
 def tutorial_train_step(model, optimiser):

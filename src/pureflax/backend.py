@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -40,8 +41,12 @@ class Backend(NamedTuple):
     from_functional: Callable[[Any, Any], Any]  # (functional tree, like) -> like's form
 
 
+@functools.cache
 def functional_init(config: vae.VAEConfig) -> Callable[[jax.Array], Any]:
-    """``vae.init`` jitted for ``config``: one compiled program rather than many eager ops."""
+    """``vae.init`` jitted for ``config``: one compiled program rather than many eager ops.
+
+    Cached per config, so every backend of one config shares the compiled init.
+    """
     return jax.jit(partial(vae.init, config=config))
 
 
