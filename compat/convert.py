@@ -104,6 +104,11 @@ def _linear_leaf_names(module: eqx.Module) -> dict[str, tuple[tuple[str, ...], b
                     continue
                 value = getattr(node, field.name)
                 key = keys + (jax.tree_util.GetAttrKey(field.name),)
+                if eqx.is_array(value):
+                    raise ConversionError(
+                        f"{jax.tree_util.keystr(keys) or 'the model'}: {type(node).__module__}.{type(node).__name__} "
+                        f"holds arrays ({field.name}); only eqx.nn.Linear layers have a Flax counterpart here"
+                    )
                 if isinstance(value, (list, tuple)):
                     template = getattr(type(node), "flax_item_name", field.name + "_{i}")
                     for i, item in enumerate(value):
@@ -164,7 +169,12 @@ def param_names(params: Any) -> Any:
     """
     if isinstance(params, eqx.Module):
         names = _linear_leaf_names(params)
-        return jax.tree_util.tree_map_with_path(lambda p, _: "/".join(names[jax.tree_util.keystr(p)][0]), params)
+
+        def name(path, leaf):
+            entry = names.get(jax.tree_util.keystr(path))
+            return leaf if entry is None else "/".join(entry[0])
+
+        return jax.tree_util.tree_map_with_path(name, params)
     plain = _plain(params)
     inner = plain["params"] if _is_flax_variables(plain) else plain
     named = jax.tree_util.tree_map_with_path(lambda p, _: jax.tree_util.keystr(p, simple=True, separator="/"), inner)
@@ -178,6 +188,8 @@ def params_to_functional(params: Any) -> dict:
         out: dict = {}
         names = _linear_leaf_names(params)
         for keys, leaf in _flatten(params)[0]:
+            if jax.tree_util.keystr(keys) not in names:
+                continue  # not a param: a function inside eqx.nn.Lambda, say
             flax_path, transpose = names[jax.tree_util.keystr(keys)]
             _set(out, flax_path, _transpose(leaf) if transpose else leaf)
         return out
@@ -195,13 +207,18 @@ def params_from_functional(tree: Mapping, like: Any) -> Any:
     if isinstance(like, eqx.Module):
         names = _linear_leaf_names(like)
         leaves_with_path, treedef = _flatten(like)
-        leaves = []
+        leaves, used = [], set()
         for keys, target in leaves_with_path:
             where = jax.tree_util.keystr(keys)
+            if where not in names:
+                leaves.append(target)  # not a param: kept from the target
+                continue
             flax_path, transpose = names[where]
             source = _get(tree, flax_path, where)
             _check_leaf(where, source, target, transpose)
             leaves.append(_transpose(source) if transpose else source)
+            used.add("/".join(flax_path))
+        _no_extra(tree, used)
         return jax.tree_util.tree_unflatten(treedef, leaves)
     if _is_flax_variables(_plain(like)):
         filled = {"params": params_from_functional(tree, _plain(like)["params"])}
@@ -221,12 +238,15 @@ def _fill_dict(tree: Mapping, like: Mapping) -> Any:
         source = _get(tree, path, where)
         _check_leaf(where, source, target, False)
         leaves.append(source)
-    extra = len(_flatten(tree)[0]) - len(leaves)
-    if extra:
-        theirs = {jax.tree_util.keystr(k) for k, _ in _flatten(tree)[0]}
-        ours = {jax.tree_util.keystr(k) for k, _ in leaves_with_path}
-        raise ConversionError(f"the functional tree has params the target lacks: {sorted(theirs - ours)}")
+    _no_extra(tree, {"/".join(str(k.key) for k in keys) for keys, _ in leaves_with_path})
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _no_extra(tree: Mapping, used: set[str]) -> None:
+    """Refuse a source with params the target has no place for (nothing is dropped silently)."""
+    theirs = {jax.tree_util.keystr(k, simple=True, separator="/") for k, _ in _flatten(tree)[0]}
+    if theirs - used:
+        raise ConversionError(f"the functional tree has params the target lacks: {sorted(theirs - used)}")
 
 
 # ---------------------------------------------------------------- optimiser state
@@ -239,7 +259,9 @@ def _params_node(like_params: Any):
         return lambda x: isinstance(x, cls)
     if _is_flax_variables(_plain(like_params)):
         return _is_flax_variables
-    return lambda x: isinstance(x, Mapping)
+    # a dict with the params' own top-level names: not optax's other dicts (multi_transform's inner_states)
+    top = set(_plain(like_params))
+    return lambda x: isinstance(x, Mapping) and set(x) == top
 
 
 def opt_state_to_functional(opt_state: Any, params: Any) -> Any:
