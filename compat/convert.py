@@ -297,6 +297,11 @@ def opt_state_from_functional(opt_state: Any, like_opt_state: Any, like_params: 
 # ------------------------------------------------------------------ the two calls
 
 
+def _step(step: Any) -> Any:
+    """The step as an int32 array (Flax starts it as a Python int); shapes-only stays shapes-only."""
+    return step if isinstance(step, jax.ShapeDtypeStruct) else jnp.asarray(step, jnp.int32)
+
+
 def to_functional(obj: Any) -> Any:
     """The functional form of ``obj``.
 
@@ -310,7 +315,7 @@ def to_functional(obj: Any) -> Any:
     """
     if isinstance(obj, (FlaxTrainState, TrainState)):
         return TrainState(
-            step=jnp.asarray(obj.step, jnp.int32),
+            step=_step(obj.step),
             params=params_to_functional(obj.params),
             opt_state=opt_state_to_functional(obj.opt_state, obj.params),
         )
@@ -337,7 +342,7 @@ def from_functional(tree: Any, like: Any) -> Any:
             raise ConversionError(f"a train state fills a train state: got {type(tree).__name__} for {type(like).__name__}")
         params = params_from_functional(tree.params, like.params)
         opt_state = opt_state_from_functional(tree.opt_state, like.opt_state, like.params)
-        step = jnp.asarray(tree.step, jnp.int32)
+        step = _step(tree.step)
         if isinstance(like, FlaxTrainState):
             return like.replace(step=step, params=params, opt_state=opt_state)
         return TrainState(step=step, params=params, opt_state=opt_state)

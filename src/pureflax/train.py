@@ -215,12 +215,12 @@ def build(config: TrainConfig, backend: Backend, total_steps: int, key: jax.Arra
     return state, tx, loss_fn, train_step
 
 
-def save_state(directory: Path, state: Any, backend: Backend) -> int:
+def save_state(directory: str | Path, state: Any, backend: Backend) -> int:
     """Checkpoint any backend's state in the functional form, so every backend can restore it."""
     return checkpoint.save(directory, backend.to_functional(state))
 
 
-def restore_state(directory: Path, like: Any, backend: Backend, step: int | None = None) -> Any:
+def restore_state(directory: str | Path, like: Any, backend: Backend, step: int | None = None) -> Any:
     """Restore a checkpoint written by any backend into ``like``, a state of ``backend``'s form."""
     functional = checkpoint.restore(directory, backend.to_functional(like), step)
     return backend.from_functional(functional, like)
