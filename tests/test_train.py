@@ -164,3 +164,16 @@ def test_unwritable_out_is_refused_before_training(tmp_path, tiny_data):
     blocker.write_text("not a directory")
     result = run_script("--data", tiny_data, "--out", blocker / "sub", "--max-steps", "2", "--batch-size", "8")
     assert result.returncode == 2 and "--out" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["functional", "equinox", "flax"])
+def test_every_flag_works_with_every_backend(tiny_data, tmp_path, backend):
+    args = ["--backend", backend, "--data", str(tiny_data), "--out", str(tmp_path / "o"), "--batch-size", "8",
+            "--max-steps", "8", "--log-every", "4", "--kl-weight", "0.25", "--lr", "3e-4",
+            "--optimizer", "adam", "--schedule", "warmup", "--warmup-steps", "2", "--end-lr", "1e-5",
+            "--clip-norm", "1.0", "--ema", "0.9", "--grad-accum", "2", "--freeze", "encoder/Dense_0",
+            "--seed", "0x10"]
+    assert load_script().main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[-1]["steps"] == 8
+    assert np.isclose(rows[0]["loss"], rows[0]["mse"] + 0.25 * rows[0]["kl"], rtol=1e-4)
