@@ -94,6 +94,9 @@ def build_parser() -> Parser:
     p.add_argument("--out", type=Path, default=Path("runs/vae"), help="output folder (default runs/vae)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
     p.add_argument("--log-every", type=positive_int, default=100, help="log line every N steps (default 100)")
+    p.add_argument("--no-fuse", action="store_true", help="dispatch one step at a time instead of one program per log window")
+    p.add_argument("--devices", type=positive_int, default=1, help="data parallel over N local devices (default 1)")
+    p.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache")
     return p
 
 
@@ -114,6 +117,7 @@ def configure(args: argparse.Namespace):
     return TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, kl_weight=args.kl_weight,
         seed=args.seed, log_every=args.log_every, native_init=args.init == "native", model=model, optim=optimizer,
+        fuse=not args.no_fuse, devices=args.devices,
     )
 
 
@@ -124,14 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--data {args.data} does not exist")
 
     from pureflax import data as data_lib
-    from pureflax import train
+    from pureflax import loop, train
     from pureflax.compat.backends import get_backend
 
     try:
         config = configure(args)
+        loop.make_placement(config.devices, config.batch_size)  # enough devices? before any work
         train.check_out_dir(args.out, overwrite=args.overwrite)
     except ValueError as err:
         parser.error(str(err))
+    if not args.no_compile_cache:
+        train.enable_compilation_cache()
     try:
         mnist = data_lib.load_mnist(args.data)
     except data_lib.DataError as err:
@@ -139,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if config.batch_size > len(mnist.train.labels):
         parser.error(f"--batch-size {config.batch_size} is larger than the {len(mnist.train.labels)} training images")
-    print(f"training {args.backend} VAE: {len(mnist.train.labels)} train / {len(mnist.test.labels)} test images -> {args.out}")
+    where = f"{config.devices} devices, data parallel" if config.devices > 1 else "1 device"
+    print(
+        f"training {args.backend} VAE ({'fused' if config.fuse else 'per step'}, {where}): "
+        f"{len(mnist.train.labels)} train / {len(mnist.test.labels)} test images -> {args.out}"
+    )
     try:
         train.fit(config, mnist, args.out, backend=get_backend(args.backend, config.model))
     except KeyboardInterrupt:

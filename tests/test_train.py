@@ -113,6 +113,7 @@ def test_max_steps_stops_early(tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr
     final = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["steps"] == 5
+    assert final["final_epoch"] == 0  # 5 steps of a 12-step epoch: the first epoch, not the next
 
 
 @pytest.mark.parametrize(

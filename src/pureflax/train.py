@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from functools import partial
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from pureflax import checkpoint, optim, step as step_lib, vae, viz
+from pureflax import checkpoint, loop, optim, step as step_lib, vae, viz
 from pureflax.backend import Backend, functional_backend
 from pureflax.data import MNIST, Split
 
@@ -39,6 +40,8 @@ class TrainConfig:
     log_every: int = 100
     eval_batch_size: int = 1000
     native_init: bool = False  # each library's own initialiser instead of the functional (Flax) one
+    fuse: bool = True  # run each chunk of steps (up to the next log line) as one jitted lax.scan
+    devices: int = 1  # data parallel over this many local devices
     model: vae.VAEConfig = vae.VAEConfig()
     optim: optim.OptimConfig = optim.OptimConfig()
 
@@ -52,6 +55,10 @@ class TrainConfig:
             raise ValueError(f"kl-weight must be >= 0, got {self.kl_weight!r}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed!r}")
+        if self.devices < 1:
+            raise ValueError(f"devices must be >= 1, got {self.devices!r}")
+        if self.batch_size % self.devices:
+            raise ValueError(f"--batch-size {self.batch_size} does not split evenly over --devices {self.devices}")
 
     def steps_per_epoch(self, num_train: int) -> int:
         """Full batches per epoch (the last partial batch is dropped, as the tutorial's loader does)."""
@@ -85,6 +92,24 @@ class RunResult(NamedTuple):
     final: dict[str, Any]  # test metrics, final-epoch means, seconds
 
 
+def enable_compilation_cache(directory: str | Path | None = None) -> Path:
+    """Turn on JAX's persistent compilation cache, so a second run starts without recompiling.
+
+    Args:
+        directory: where compiled programs are kept; default ``$JAX_COMPILATION_CACHE_DIR``
+            or ``<pureflax cache>/jax`` (``~/.cache/pureflax/jax``).
+
+    Returns:
+        The cache directory in use.
+    """
+    from pureflax.data import default_cache_dir
+
+    path = Path(directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_cache_dir() / "jax")
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return path
+
+
 def check_out_dir(out: Path, overwrite: bool = False) -> None:
     """Refuse an ``out`` that holds a previous run (unless ``overwrite``) or cannot be written."""
     out = Path(out)
@@ -108,28 +133,9 @@ def check_out_dir(out: Path, overwrite: bool = False) -> None:
             path.unlink()
 
 
-def to_device(split: Split) -> step_lib.Batch:
-    """Put a split on the device once, as uint8 pixels and int32 labels."""
-    return step_lib.Batch(jax.device_put(np.asarray(split.images, np.uint8)), jax.device_put(np.asarray(split.labels, np.int32)))
-
-
-@partial(jax.jit, static_argnums=(1, 2))
-def epoch_order(key: jax.Array, num_train: int, batch_size: int) -> jax.Array:
-    """This epoch's shuffled indices as (steps, batch_size); the remainder is dropped."""
-    steps = num_train // batch_size
-    return jax.random.permutation(key, num_train)[: steps * batch_size].reshape(steps, batch_size)
-
-
-def make_advance(train_step):
-    """One dispatch per step: gather the batch on the device, step, add to the running sums."""
-
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def advance(state, sums, data: step_lib.Batch, order, i, key):
-        idx = order[i]
-        state, metrics = train_step(state, step_lib.Batch(data.images[idx], data.labels[idx]), key)
-        return state, sums + jnp.stack(metrics)
-
-    return advance
+def to_device(split: Split, placement: loop.Placement) -> step_lib.Batch:
+    """Put a split on the device(s) once, as uint8 pixels and int32 labels (converted per batch)."""
+    return placement.replicate(step_lib.Batch(np.asarray(split.images, np.uint8), np.asarray(split.labels, np.int32)))
 
 
 def evaluate(eval_step, params, data: step_lib.Batch, key: jax.Array, batch_size: int) -> step_lib.Metrics:
@@ -178,26 +184,22 @@ class Logger(NamedTuple):
             self.bar.write(line)
 
 
-def run_epoch(advance, state, train: step_lib.Batch, order, train_key, *, epoch: int, steps: int, first_step: int, log_every: int, logger: Logger):
-    """Run ``steps`` steps of one epoch; log every ``log_every``; return the state and epoch means.
+def run_epoch(runner: loop.Runner, state, train: step_lib.Batch, order, train_key, *, epoch: int, steps: int, first_step: int, log_every: int, logger: Logger):
+    """Run ``steps`` steps of one epoch in chunks that end at each log line; return the state and epoch means.
 
-    Metrics stay on the device as running sums and are fetched once per log window.
+    The runner returns per-step metrics, fetched once per chunk.
     """
-    sums, window = jnp.zeros(3), 0
     epoch_sums, epoch_count = np.zeros(3), 0
-    for i in range(steps):
-        state, sums = advance(state, sums, train, order, i, train_key)
-        window += 1
-        logged = (i + 1) % log_every == 0
-        if logged or i + 1 == steps:
-            window_sums = np.asarray(jax.device_get(sums), np.float64)
-            epoch_sums, epoch_count = epoch_sums + window_sums, epoch_count + window
-            if logged:
-                loss, mse, kl = (window_sums / window).tolist()
-                row = {"epoch": epoch, "step": i + 1, "global_step": first_step + i + 1, "loss": loss, "mse": mse, "kl": kl}
-                logger.emit(row, format_line(epoch, i + 1, loss, mse, kl))
-            logger.bar.update(window)
-            sums, window = jnp.zeros(3), 0
+    for start, length in loop.chunks(steps, log_every):
+        state, metrics = runner(state, train, order, start, train_key, length)
+        metrics = np.asarray(jax.device_get(metrics), np.float64)
+        epoch_sums, epoch_count = epoch_sums + metrics.sum(axis=0), epoch_count + length
+        end = start + length
+        if end % log_every == 0:
+            loss, mse, kl = metrics.mean(axis=0).tolist()
+            row = {"epoch": epoch, "step": end, "global_step": first_step + end, "loss": loss, "mse": mse, "kl": kl}
+            logger.emit(row, format_line(epoch, end, loss, mse, kl))
+        logger.bar.update(length)
     return state, epoch_sums / max(epoch_count, 1)
 
 
@@ -250,25 +252,27 @@ def fit(
     out = Path(out)
     start = time.perf_counter()
     keys = make_keys(config.seed)
-    train, test = to_device(mnist.train), to_device(mnist.test)
+    placement = loop.make_placement(config.devices, config.batch_size)
+    train, test = to_device(mnist.train, placement), to_device(mnist.test, placement)
     num_train = int(train.labels.shape[0])
     steps_per_epoch, total = config.steps_per_epoch(num_train), config.total_steps(num_train)
 
     backend = backend or functional_backend(config.model)
     state, _, loss_fn, train_step = build(config, backend, total, keys.model)
-    advance = make_advance(train_step)
+    state = placement.replicate(state)
+    make_runner = loop.make_fused_runner if config.fuse else loop.make_per_step_runner
+    runner = make_runner(train_step, placement)
 
     disable = None if progress is None else not progress
     with open(out / "metrics.jsonl", "a") as file, tqdm(total=total, disable=disable, unit="step", dynamic_ncols=True) as bar:
         logger = Logger(file, bar, [])
-        done, epoch, epoch_means = 0, 0, np.zeros(3)
-        for epoch in range(config.epochs):
-            if done >= total:
-                break
-            order = epoch_order(jax.random.fold_in(keys.data, epoch), num_train, config.batch_size)
+        done, epoch_means = 0, np.zeros(3)
+        epochs = -(-total // steps_per_epoch)  # the epochs max-steps reaches into
+        for epoch in range(epochs):
+            order = loop.epoch_order(jax.random.fold_in(keys.data, epoch), num_train, config.batch_size)
             steps = min(steps_per_epoch, total - done)
             state, epoch_means = run_epoch(
-                advance, state, train, order, keys.train,
+                runner, state, train, order, keys.train,
                 epoch=epoch, steps=steps, first_step=done, log_every=config.log_every, logger=logger,
             )
             done += steps
