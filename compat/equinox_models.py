@@ -24,7 +24,26 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+import numpy as np
+from beartype import beartype
+from jaxtyping import Array, Float, PRNGKeyArray, jaxtyped
+
+ArrayIn = Array | np.ndarray  # inputs may be jax or NumPy arrays
+
+# The methods and batched_apply check their arguments' shapes when called (at trace time
+# under jit/vmap, so free per step): the rank and the sizes named alike across arguments
+# by jaxtyping (jaxtyping.TypeCheckError, a TypeError, naming the argument), the sizes
+# the weights fix by _check_width (ValueError).
+
+
+def _check_width(where: str, arg: str, value: ArrayIn, linear: eqx.nn.Linear, what: str, weight: str) -> None:
+    """Raise ``ValueError`` unless ``value``'s last dimension is ``linear``'s input size."""
+    shape, expected = tuple(jnp.shape(value)), linear.in_features
+    if not shape or shape[-1] != expected:
+        raise ValueError(
+            f"{where}: {arg} has shape {shape} but the model takes {expected} {what} "
+            f"({weight} is {tuple(linear.weight.shape)}, (out, in))"
+        )
 
 
 class FeedForward(eqx.Module):
@@ -52,7 +71,9 @@ class FeedForward(eqx.Module):
         self.activation_fn = activation_fn
         self.drop_last_activation = drop_last_activation
 
-    def __call__(self, x: Float[Array, " features"]) -> Float[Array, " out"]:
+    @jaxtyped(typechecker=beartype)
+    def __call__(self, x: Float[ArrayIn, " features"]) -> Float[Array, " out"]:
+        _check_width("FeedForward", "x", x, self.layers[0], "features", "layers[0].weight")
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x = layer(x)
@@ -91,35 +112,55 @@ class VAE(eqx.Module):
         self.decoder = FeedForward(hidden, decoder_dimensions, activation_fn, key=k_dec)
         self.latent_dim = latent_dim
 
-    def encode(self, x: Float[Array, " features"]) -> tuple[Float[Array, " latent"], Float[Array, " latent"]]:
+    @jaxtyped(typechecker=beartype)
+    def encode(self, x: Float[ArrayIn, " features"]) -> tuple[Float[Array, " latent"], Float[Array, " latent"]]:
+        """One example's ``(mean, logvar)``; ``x`` is (features,): ``jax.vmap`` it for a batch."""
+        _check_width("VAE.encode", "x", x, self.encoder.layers[0], "features", "encoder.layers[0].weight")
         mean, logvar = jnp.split(self.pre_latent_proj(self.encoder(x)), 2, axis=-1)
         return mean, logvar
 
-    def decode(self, z: Float[Array, " latent"], c: Float[Array, " classes"]) -> Float[Array, " features"]:
+    @jaxtyped(typechecker=beartype)
+    def decode(self, z: Float[ArrayIn, " latent"], c: Float[ArrayIn, " classes"]) -> Float[Array, " features"]:
+        """One example's image from ``z`` (latent,) and one-hot ``c`` (classes,)."""
+        _check_width("VAE.decode", "z", z, self.post_latent_proj, "latent dimensions", "post_latent_proj.weight")
+        _check_width("VAE.decode", "c", c, self.class_proj, "classes", "class_proj.weight")
         return self.decoder(self.post_latent_proj(z) + self.class_proj(c))
 
     @staticmethod
-    def reparam(mean: Array, logvar: Array, key: PRNGKeyArray) -> Array:
+    @jaxtyped(typechecker=beartype)
+    def reparam(
+        mean: Float[ArrayIn, "*batch latent"], logvar: Float[ArrayIn, "*batch latent"], key: PRNGKeyArray
+    ) -> Float[Array, "*batch latent"]:
         std = jnp.exp(logvar * 0.5)
         eps = jax.random.normal(key, mean.shape)
         return eps * std + mean
 
+    @jaxtyped(typechecker=beartype)
     def __call__(
-        self, x: Float[Array, " features"], c: Float[Array, " classes"], key: PRNGKeyArray
+        self, x: Float[ArrayIn, " features"], c: Float[ArrayIn, " classes"], key: PRNGKeyArray
     ) -> tuple[Float[Array, " features"], Float[Array, " latent"], Float[Array, " latent"]]:
+        _check_width("VAE", "x", x, self.encoder.layers[0], "features", "encoder.layers[0].weight")
+        _check_width("VAE", "c", c, self.class_proj, "classes", "class_proj.weight")
         mean, logvar = self.encode(x)
         z = self.reparam(mean, logvar, key)
         return self.decode(z, c), mean, logvar
 
 
+@jaxtyped(typechecker=beartype)
 def batched_apply(
-    model: VAE, x: Float[Array, "batch features"], c: Float[Array, "batch classes"], key: PRNGKeyArray
+    model: VAE, x: Float[ArrayIn, "batch features"], c: Float[ArrayIn, "batch classes"], key: PRNGKeyArray
 ) -> tuple[Float[Array, "batch features"], Float[Array, "batch latent"], Float[Array, "batch latent"]]:
     """The model over a batch: ``encode`` and ``decode`` vmapped, noise drawn for the batch.
 
     Drawing ``eps`` of shape (batch, latent) from one key, rather than one key per
     example, is what the tutorial's Flax model does; it makes all forms agree.
+
+    Raises:
+        jaxtyping.TypeCheckError: ``x`` or ``c`` is not 2-D float, or their batch sizes differ.
+        ValueError: ``x``'s width is not the model's input size, or ``c``'s not its class count.
     """
+    _check_width("batched_apply", "x", x, model.encoder.layers[0], "features", "model.encoder.layers[0].weight")
+    _check_width("batched_apply", "c", c, model.class_proj, "classes", "model.class_proj.weight")
     mean, logvar = jax.vmap(model.encode)(x)
     z = VAE.reparam(mean, logvar, key)
     return jax.vmap(model.decode)(z, c), mean, logvar

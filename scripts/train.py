@@ -97,6 +97,10 @@ def build_parser() -> Parser:
     p.add_argument("--no-fuse", action="store_true", help="dispatch one step at a time instead of one program per log window")
     p.add_argument("--devices", type=positive_int, default=1, help="data parallel over N local devices (default 1)")
     p.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache")
+    p.add_argument("--ckpt-every", type=positive_int, default=None, help="also checkpoint every N steps (default: at the end only)")
+    p.add_argument("--keep", type=positive_int, default=None, help="keep the newest N checkpoints (default: all)")
+    p.add_argument("--keep-best", action="store_true", help="with --keep: also keep the checkpoint with the best test loss")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest good checkpoint")
     return p
 
 
@@ -117,7 +121,7 @@ def configure(args: argparse.Namespace):
     return TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, kl_weight=args.kl_weight,
         seed=args.seed, log_every=args.log_every, native_init=args.init == "native", model=model, optim=optimizer,
-        fuse=not args.no_fuse, devices=args.devices,
+        fuse=not args.no_fuse, devices=args.devices, ckpt_every=args.ckpt_every, keep=args.keep, keep_best=args.keep_best,
     )
 
 
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = configure(args)
         loop.make_placement(config.devices, config.batch_size)  # enough devices? before any work
-        train.check_out_dir(args.out, overwrite=args.overwrite)
+        train.check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
     except ValueError as err:
         parser.error(str(err))
     if not args.no_compile_cache:
@@ -151,11 +155,20 @@ def main(argv: list[str] | None = None) -> int:
         f"training {args.backend} VAE ({'fused' if config.fuse else 'per step'}, {where}): "
         f"{len(mnist.train.labels)} train / {len(mnist.test.labels)} test images -> {args.out}"
     )
+    from pureflax import checkpoint
+
     try:
-        train.fit(config, mnist, args.out, backend=get_backend(args.backend, config.model))
-    except KeyboardInterrupt:
-        sys.stderr.write(f"train.py: interrupted; the lines logged so far are in {args.out / 'metrics.jsonl'}\n")
-        return 130
+        train.fit(config, mnist, args.out, backend=get_backend(args.backend, config.model), resume=args.resume)
+    except train.Interrupted as err:
+        again = " ".join(["python", "scripts/train.py", *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--resume"], "--resume"])
+        sys.stderr.write(f"train.py: {err}; to continue: {again}\n")
+        return 128 + err.signum
+    except train.NonFiniteLoss as err:
+        sys.stderr.write(f"train.py: {err}; the last good checkpoint in {args.out / 'checkpoints'} is kept\n")
+        return 3
+    except (checkpoint.ShapeMismatch, train.ResumeError) as err:
+        sys.stderr.write(f"train.py: error: {err}\n")
+        return 2
     print(f"wrote {', '.join(train.RUN_FILES)} in {args.out}")
     return 0
 

@@ -123,11 +123,16 @@ def zeros(key: PRNGKeyArray, shape: tuple[int, ...], dtype=jnp.float32) -> Array
     return jnp.zeros(shape, dtype)
 
 
-def _check_last_dim(name: str, x: Array, expected: int) -> None:
-    if x.ndim == 0 or x.shape[-1] != expected:
+def _check_last_dim(where: str, x: ArrayLike, kernel: Array, *, what: str = "argument x: input", kernel_name: str = "its kernel") -> None:
+    """Raise ``ValueError`` unless ``x``'s last dimension is the kernel's input size.
+
+    A Python check on static shapes: under ``jax.jit`` it runs once per trace, not per step.
+    """
+    shape, expected = tuple(jnp.shape(x)), kernel.shape[0]
+    if not shape or shape[-1] != expected:
         raise ValueError(
-            f"{name}: input has shape {tuple(x.shape)} but the layer expects a last "
-            f"dimension of {expected} (the kernel is ({expected}, ...))"
+            f"{where}: {what} has shape {shape} but the layer expects a last "
+            f"dimension of {expected} ({kernel_name} is {tuple(kernel.shape)})"
         )
 
 
@@ -169,7 +174,7 @@ def dense(
     def apply(params: Params, x: ArrayLike) -> Array:
         x = jnp.asarray(x)
         kernel = params["kernel"]
-        _check_last_dim("dense", x, kernel.shape[0])
+        _check_last_dim("dense", x, kernel)
         y = jnp.dot(x, kernel)
         if use_bias:
             y = y + jnp.reshape(params["bias"], (1,) * (y.ndim - 1) + (-1,))  # explicit rank
@@ -218,6 +223,9 @@ def feed_forward(
 
     def apply(params: Params, x: ArrayLike) -> Array:
         for i, (name, layer) in enumerate(zip(names, layers)):
+            # Name the layer: argument x for the first, the previous layer's output after.
+            what = "argument x: input" if i == 0 else f"the output of {names[i - 1]}"
+            _check_last_dim(f"feed_forward {name}", x, params[name]["kernel"], what=what, kernel_name=f"params[{name!r}]['kernel']")
             x = layer.apply(params[name], x)
             if i != last or not drop_last_activation:
                 x = act(x)
@@ -331,13 +339,18 @@ def sequential(layers: Sequence[Layer | Callable[[Array], Array]]) -> Layer:
         return params
 
     def apply(params: Params, x: ArrayLike, *, key: PRNGKeyArray | Scope | None = None) -> Array:
-        for name, layer in zip(names, layers):
+        for i, (name, layer) in enumerate(zip(names, layers)):
             if not isinstance(layer, Layer):
                 x = layer(x)
-            elif layer.stochastic:
-                x = layer.apply(params.get(name, {}), x, key=None if key is None else child(key, name))
-            else:
-                x = layer.apply(params.get(name, {}), x)
+                continue
+            try:
+                if layer.stochastic:
+                    x = layer.apply(params.get(name, {}), x, key=None if key is None else child(key, name))
+                else:
+                    x = layer.apply(params.get(name, {}), x)
+            except ValueError as e:  # name the failing layer (shape errors: once per trace)
+                fed = "argument x" if i == 0 else f"the output of {names[i - 1]}"
+                raise ValueError(f"sequential {name} (fed {fed}): {e}") from e
         return x
 
     return Layer(init, apply)

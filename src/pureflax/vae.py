@@ -19,15 +19,20 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+import numpy as np
+from beartype import beartype
+from jaxtyping import Array, Float, Int, PRNGKeyArray, jaxtyped
 
 from pureflax import nn
 
 Params = dict[str, Any]
+ParamsIn = Mapping[str, Any]  # what the functions accept: a dict, or a Flax FrozenDict
+ArrayIn = Array | np.ndarray  # inputs may be jax or NumPy arrays; outputs are jax arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +100,7 @@ def init(key: PRNGKeyArray, config: VAEConfig = VAEConfig()) -> Params:
     }
 
 
-def config_of(params: Params) -> VAEConfig:
+def config_of(params: ParamsIn) -> VAEConfig:
     """Read the sizes back from a params tree (activation assumed relu)."""
     enc = params["encoder"]
     dec = params["decoder"]
@@ -108,68 +113,146 @@ def config_of(params: Params) -> VAEConfig:
     )
 
 
-def encode(
-    params: Params, x: Float[Array, "*batch features"], config: VAEConfig | None = None
-) -> tuple[Float[Array, "*batch latent"], Float[Array, "*batch latent"]]:
-    """Map images to the latent Gaussian's ``(mean, logvar)``."""
-    layers = _layers(config or config_of(params))
+def _input_sizes(params: ParamsIn) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """What each input's last dimension must be, read from the params: name -> (what, path, kernel shape)."""
+    sizes = {}
+    for arg, what, path in (
+        ("x", "features", ("encoder", "Dense_0", "kernel")),
+        ("c", "classes", ("class_proj", "kernel")),
+        ("z", "latent dimensions", ("post_latent_proj", "kernel")),
+    ):
+        try:
+            node = params
+            for part in path:
+                node = node[part]
+            shape = tuple(node.shape)
+        except (KeyError, TypeError, AttributeError):
+            continue  # not a VAE params tree: the layers report what they find
+        sizes[arg] = (what, "params" + "".join(f"[{part!r}]" for part in path), shape)
+    return sizes
+
+
+def _check_sizes(where: str, params: ParamsIn, **arrays: Any) -> None:
+    """Raise ``ValueError`` if an input's last dimension is not the one ``params`` takes.
+
+    Runs in Python, so under ``jax.jit`` it runs once per trace, never per step; the
+    ranks and the batch sizes shared between arguments are checked by the jaxtyping
+    annotations (``@jaxtyped``) before the body runs.
+    """
+    sizes = _input_sizes(params)
+    for arg, value in arrays.items():
+        if arg not in sizes:
+            continue
+        what, path, kernel = sizes[arg]
+        shape = tuple(jnp.shape(value))
+        if not shape or shape[-1] != kernel[0]:
+            raise ValueError(
+                f"{where}: {arg} has shape {shape} but the model takes {kernel[0]} {what} "
+                f"({path} is {kernel})"
+            )
+
+
+def _encode(layers: dict[str, nn.Layer], params: ParamsIn, x: ArrayIn) -> tuple[Array, Array]:
     h = layers["encoder"].apply(params["encoder"], x)
     mean, logvar = jnp.split(layers["pre_latent_proj"].apply(params["pre_latent_proj"], h), 2, axis=-1)
     return mean, logvar
 
 
-def decode(
-    params: Params,
-    z: Float[Array, "*batch latent"],
-    c: Float[Array, "*batch classes"],
-    config: VAEConfig | None = None,
-) -> Float[Array, "*batch features"]:
-    """Map latents ``z`` and one-hot classes ``c`` to images."""
-    layers = _layers(config or config_of(params))
+def _decode(layers: dict[str, nn.Layer], params: ParamsIn, z: ArrayIn, c: ArrayIn) -> Array:
     h = layers["post_latent_proj"].apply(params["post_latent_proj"], z)
     h = h + layers["class_proj"].apply(params["class_proj"], c)
     return layers["decoder"].apply(params["decoder"], h)
 
 
-def reparam(
-    mean: Float[Array, "*batch latent"], logvar: Float[Array, "*batch latent"], key: PRNGKeyArray
-) -> Float[Array, "*batch latent"]:
-    """Draw ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, 1)`` from ``key``."""
+def _reparam(mean: ArrayIn, logvar: ArrayIn, key: PRNGKeyArray) -> Array:
     std = jnp.exp(logvar * 0.5)
-    eps = jax.random.normal(key, mean.shape)
+    eps = jax.random.normal(key, jnp.shape(mean))
     return eps * std + mean
 
 
+# Shapes are checked when called (at trace time under jit: free per step): the rank and
+# the sizes named alike across arguments by jaxtyping, raising jaxtyping.TypeCheckError
+# (a TypeError) that names the argument; the sizes the params fix by _check_sizes,
+# raising ValueError. Inputs may be jax or NumPy arrays.
+
+
+@jaxtyped(typechecker=beartype)
+def encode(
+    params: ParamsIn, x: Float[ArrayIn, "batch features"], config: VAEConfig | None = None
+) -> tuple[Float[Array, "batch latent"], Float[Array, "batch latent"]]:
+    """Map images to the latent Gaussian's ``(mean, logvar)``.
+
+    Raises:
+        jaxtyping.TypeCheckError: ``x`` is not a 2-D float array.
+        ValueError: ``x``'s width is not the params' input size.
+    """
+    _check_sizes("vae.encode", params, x=x)
+    return _encode(_layers(config or config_of(params)), params, x)
+
+
+@jaxtyped(typechecker=beartype)
+def decode(
+    params: ParamsIn,
+    z: Float[ArrayIn, "batch latent"],
+    c: Float[ArrayIn, "batch classes"],
+    config: VAEConfig | None = None,
+) -> Float[Array, "batch features"]:
+    """Map latents ``z`` and one-hot classes ``c`` to images.
+
+    Raises:
+        jaxtyping.TypeCheckError: ``z`` or ``c`` is not 2-D float, or their batch sizes differ.
+        ValueError: ``z``'s or ``c``'s width is not the params' latent size / class count.
+    """
+    _check_sizes("vae.decode", params, z=z, c=c)
+    return _decode(_layers(config or config_of(params)), params, z, c)
+
+
+@jaxtyped(typechecker=beartype)
+def reparam(
+    mean: Float[ArrayIn, "*batch latent"], logvar: Float[ArrayIn, "*batch latent"], key: PRNGKeyArray
+) -> Float[Array, "*batch latent"]:
+    """Draw ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, 1)`` from ``key``."""
+    return _reparam(mean, logvar, key)
+
+
+@jaxtyped(typechecker=beartype)
 def apply(
-    params: Params,
-    x: Float[Array, "*batch features"],
-    c: Float[Array, "*batch classes"],
+    params: ParamsIn,
+    x: Float[ArrayIn, "batch features"],
+    c: Float[ArrayIn, "batch classes"],
     key: PRNGKeyArray,
     config: VAEConfig | None = None,
-) -> tuple[Float[Array, "*batch features"], Float[Array, "*batch latent"], Float[Array, "*batch latent"]]:
+) -> tuple[Float[Array, "batch features"], Float[Array, "batch latent"], Float[Array, "batch latent"]]:
     """The full forward pass: encode, reparameterise with ``key``, decode.
 
     Args:
         params: from :func:`init`.
-        x: images flattened to ``input_dim``, float in [0, 1].
-        c: one-hot class vectors (``jax.nn.one_hot(labels, num_classes)``).
+        x: images flattened to ``input_dim``, float in [0, 1], shape (batch, features).
+        c: one-hot class vectors (``jax.nn.one_hot(labels, num_classes)``), (batch, classes).
         key: the reparameterisation key.
         config: sizes; read from ``params`` when omitted (activation relu).
 
     Returns:
         ``(recon, mean, logvar)``.
+
+    Raises:
+        jaxtyping.TypeCheckError: ``x`` or ``c`` is not 2-D float, or their batch sizes differ.
+        ValueError: ``x``'s width is not the params' input size, or ``c``'s not their class count.
     """
-    mean, logvar = encode(params, x, config)
-    z = reparam(mean, logvar, key)
-    return decode(params, z, c, config), mean, logvar
+    _check_sizes("vae.apply", params, x=x, c=c)
+    layers = _layers(config or config_of(params))
+    mean, logvar = _encode(layers, params, x)
+    z = _reparam(mean, logvar, key)
+    return _decode(layers, params, z, c), mean, logvar
 
 
+@jaxtyped(typechecker=beartype)
 def sample(
-    params: Params,
-    labels: Int[Array, " n"],
+    params: ParamsIn,
+    labels: Int[ArrayIn, " batch"],
     key: PRNGKeyArray,
     config: VAEConfig | None = None,
-) -> Float[Array, "n features"]:
+) -> Float[Array, "batch features"]:
     """Generate one image per class label by decoding ``z ~ N(0, I)``.
 
     Example:
@@ -180,4 +263,4 @@ def sample(
     """
     config = config or config_of(params)
     z = jax.random.normal(key, (labels.shape[0], config.latent_dim))
-    return decode(params, z, jax.nn.one_hot(labels, config.num_classes), config)
+    return _decode(_layers(config), params, z, jax.nn.one_hot(labels, config.num_classes))

@@ -1,0 +1,60 @@
+"""What a run reports: log lines, the test-set evaluation and the pictures."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pureflax import step as step_lib, vae, viz
+
+
+def evaluate(eval_step, params, data: step_lib.Batch, key: jax.Array, batch_size: int) -> step_lib.Metrics:
+    """Mean loss terms over a whole split, in batches; batch i uses ``fold_in(key, i)``."""
+    n = data.labels.shape[0]
+    total = np.zeros(3)
+    for i, start in enumerate(range(0, n, batch_size)):
+        batch = step_lib.Batch(data.images[start : start + batch_size], data.labels[start : start + batch_size])
+        metrics = eval_step(params, batch, jax.random.fold_in(key, i))
+        total += np.asarray(jax.device_get(jnp.stack(metrics)), np.float64) * batch.labels.shape[0]
+    return step_lib.Metrics(*(total / n))
+
+
+def write_pictures(params, test: step_lib.Batch, model: vae.VAEConfig, key: jax.Array, out: Path, log: list[dict], test_loss: float) -> None:
+    """samples.png (row r = class r), reconstructions.png and loss.png."""
+    labels = jnp.repeat(jnp.arange(model.num_classes), 10)
+    samples = jax.jit(partial(vae.sample, config=model))(params, labels, key)
+    viz.save_samples(np.asarray(samples), out / "samples.png", model.num_classes)
+    n = min(40, (test.labels.shape[0] // 10) * 10)
+    if n:
+        x, c = step_lib.to_inputs(step_lib.Batch(test.images[:n], test.labels[:n]), model.num_classes)
+        mean, _ = vae.encode(params, x, model)
+        viz.save_reconstructions(np.asarray(x), np.asarray(vae.decode(params, mean, c, model)), out / "reconstructions.png")
+    steps = [row["global_step"] for row in log]
+    curves = {name: [row[name] for row in log] for name in ("loss", "mse", "kl")}
+    viz.save_loss_curve(steps, curves, out / "loss.png", test_loss)
+
+
+def format_line(epoch: int, step: int, loss: float, mse: float, kl: float) -> str:
+    """The tutorial's log line."""
+    return f"epoch {epoch} | step {step} | loss: {loss:.4f} ~ mse: {mse:.4f}. kl: {kl:.4f}"
+
+
+class Logger(NamedTuple):
+    """Where log lines go: the JSONL file, the terminal (above the bar) and the run's list."""
+
+    file: Any  # open text file, metrics.jsonl
+    bar: Any  # tqdm bar
+    rows: list[dict[str, Any]]
+
+    def emit(self, row: dict[str, Any], line: str | None = None) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()  # a crash keeps every line already logged
+        self.rows.append(row)
+        if line is not None:
+            self.bar.write(line)
