@@ -10,19 +10,11 @@ import pytest
 
 from pureflax import vae
 from pureflax.compat import convert, equinox_models
+from trees import key, max_diff
 
 CFG = vae.VAEConfig(encoder_dimensions=(12, 8), decoder_dimensions=(8, 20), latent_dim=3, num_classes=4, input_dim=20)
 EQX_KW = dict(latent_dim=3, encoder_dimensions=(12, 8), decoder_dimensions=(8, 20), num_classes=4, input_dim=20)
 BATCH = 5
-
-
-def max_diff(a, b):
-    """The largest absolute difference, in numpy (eager jax ops would compile once per shape)."""
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-
-
-def key(seed):
-    return jax.random.PRNGKey(seed)
 
 
 def inputs(seed=0, n=BATCH):

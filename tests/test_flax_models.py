@@ -7,27 +7,11 @@ import numpy as np
 
 from pureflax import nn, vae
 from pureflax.compat import flax_models
+from trees import assert_trees_equal, key, max_diff
 
 BATCH = 5
 SMALL = flax_models.VAE(encoder_dimensions=(12, 8), decoder_dimensions=(8, 20), latent_dim=3)
 CFG = vae.VAEConfig(encoder_dimensions=(12, 8), decoder_dimensions=(8, 20), latent_dim=3, num_classes=4, input_dim=20)
-
-
-def max_diff(a, b):
-    """The largest absolute difference, in numpy (eager jax ops would compile once per shape)."""
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-
-
-def key(seed):
-    return jax.random.PRNGKey(seed)
-
-
-def assert_trees_equal(a, b):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.shape == y.shape and x.dtype == y.dtype
-        np.testing.assert_array_equal(x, y)
 
 
 def random_like(tree, seed, scale=0.3):

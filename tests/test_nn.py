@@ -8,13 +8,7 @@ import pytest
 
 from pureflax import nn
 from pureflax.compat.flax_models import FeedForward as FlaxFeedForward  # the tutorial's module
-
-
-def assert_trees_equal(a, b):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        assert x.shape == y.shape and x.dtype == y.dtype
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+from trees import assert_trees_equal
 
 
 def test_dense_init_is_flax_init_bitwise(getkey):

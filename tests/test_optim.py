@@ -11,6 +11,7 @@ import pytest
 from pureflax import vae
 from pureflax.optim import OptimConfig, freeze_labels, make_optimizer, make_schedule, param_paths
 from pureflax.state import TrainState
+from trees import assert_trees_equal
 
 # Three Dense layers each side, as in the tutorial (so decoder/Dense_2 exists), but tiny.
 SMALL = vae.VAEConfig(
@@ -38,13 +39,6 @@ def rng():
 
 def leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
-
-
-def assert_trees_equal(a, b):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(leaves(a), leaves(b), strict=True):
-        assert x.shape == y.shape and x.dtype == y.dtype
-        np.testing.assert_array_equal(x, y)
 
 
 def assert_trees_close(a, b, rtol=1e-6, atol=0.0):

@@ -8,14 +8,7 @@ import pytest
 
 from pureflax import vae
 from pureflax.state import TrainState
-
-
-def assert_trees_equal(a, b):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.shape == y.shape and x.dtype == y.dtype
-        np.testing.assert_array_equal(x, y)
+from trees import assert_trees_equal
 
 
 def make_params(rng):
