@@ -11,6 +11,7 @@ are flat, keyed by their functional path (``encoder/Dense_0/kernel``), float32.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def flat_params(tree) -> dict[str, np.ndarray]:
     return {path_str(p): np.asarray(leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def describe_damage(directory: Path, step: int) -> str | None:
+    """Why ``step`` cannot be used (its metadata unreadable), or ``None`` when it reads."""
+    from pureflax import checkpoint
+
+    try:
+        checkpoint.read_meta(directory, step)
+        checkpoint.saved_leaves(directory, step)
+    except checkpoint.CheckpointError as err:
+        return str(err)
+    return None
+
+
 def cmd_list(directory: Path) -> None:
     from pureflax import checkpoint
 
@@ -48,35 +61,46 @@ def cmd_list(directory: Path) -> None:
     print(f"{directory}: {len(steps)} checkpoint(s)")
     print(f"{'step':>8}  {'epoch':>5}  {'test loss':>10}  {'size':>10}  note")
     for step in steps:
-        meta = checkpoint.read_meta(directory, step)
-        notes = [n for n, s in (("latest", latest), ("best", best)) if s == step]
+        try:
+            meta = checkpoint.read_meta(directory, step)
+        except checkpoint.CheckpointError:
+            meta = {"damaged": True}
+        notes = [n for n, s in (("latest", latest), ("best", best)) if s == step] + (["damaged"] if "damaged" in meta else [])
         loss = meta.get("test_loss")
-        print(f"{step:>8}  {meta.get('epoch', '-'):>5}  {loss if loss is None else f'{loss:.4f}':>10}  "
+        shown = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
+        print(f"{step:>8}  {str(meta.get('epoch', '-')):>5}  {shown:>10}  "
               f"{folder_size(directory / str(step)) / 1e6:>8.2f}MB  {', '.join(notes)}")
-    for aside in sorted(directory.glob("*.damaged*")):
-        print(f"set aside: {aside.name} (damaged; kept for inspection)")
+    for name in checkpoint.set_aside_steps(directory):
+        print(f"set aside: {name} (damaged; kept for inspection)")
+    for step in checkpoint.stray_steps(directory):
+        print(f"ignored: {step}/ (a numbered folder that holds no checkpoint)")
 
 
-def cmd_show(directory: Path, step: int | None) -> None:
+def readable(directory: Path, step: int, parser) -> None:
+    """Exit 2 with one line when ``step`` is damaged."""
+    damage = describe_damage(directory, step)
+    if damage:
+        parser.error(f"{damage}; pick another --step (see: checkpoints.py list {directory})")
+
+
+def cmd_show(directory: Path, step: int) -> None:
     from pureflax import checkpoint
 
-    step = checkpoint.latest_step(directory) if step is None else step
     meta = checkpoint.read_meta(directory, step)
-    tree = checkpoint.restore_raw(directory, step)
     print(f"step {step} in {directory}")
     for key in ("backend", "epoch", "seed", "test_loss"):
-        if key in meta:
+        if meta.get(key) is not None:
             print(f"  {key}: {meta[key]}")
-    params = flat_params(tree["params"])
-    print(f"  params: {len(params)} arrays, {sum(a.size for a in params.values()):,} values")
-    for name, array in params.items():
-        print(f"    {name:40s} {str(array.shape):14s} {array.dtype}")
+    leaves = checkpoint.saved_leaves(directory, step)
+    params = {path[len("params/"):]: v for path, v in leaves.items() if path.startswith("params/")}
+    print(f"  params: {len(params)} arrays, {sum(int(np.prod(shape)) for shape, _ in params.values()):,} values")
+    for name, (shape, dtype) in params.items():
+        print(f"    {name:40s} {str(shape):14s} {dtype}")
 
 
-def cmd_export(directory: Path, target: Path, step: int | None) -> None:
+def cmd_export(directory: Path, target: Path, step: int) -> None:
     from pureflax import checkpoint
 
-    step = checkpoint.latest_step(directory) if step is None else step
     params = flat_params(checkpoint.restore_raw(directory, step)["params"])
     if target.suffix == ".npz":
         np.savez(target, **params)
@@ -110,16 +134,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{directory} holds no checkpoints")
     if getattr(args, "step", None) is not None and args.step not in steps:
         parser.error(f"--step {args.step}: not a checkpoint in {directory} (steps: {', '.join(map(str, steps))})")
-    if args.command == "export" and args.target.suffix not in (".npz", ".safetensors"):
-        parser.error(f"{args.target}: export writes .npz or .safetensors")
     if args.command == "list":
         cmd_list(directory)
-    elif args.command == "show":
-        cmd_show(directory, args.step)
-    else:
-        cmd_export(directory, args.target, args.step)
+        return 0
+    step = steps[-1] if args.step is None else args.step
+    readable(directory, step, parser)
+    if args.command == "show":
+        cmd_show(directory, step)
+        return 0
+    if args.target.suffix not in (".npz", ".safetensors"):
+        parser.error(f"{args.target}: export writes .npz or .safetensors")
+    if not args.target.parent.is_dir():
+        parser.error(f"{args.target}: the folder {args.target.parent} does not exist; create it or choose another path")
+    try:
+        cmd_export(directory, args.target, step)
+    except OSError as err:
+        parser.error(f"{args.target}: cannot write it ({err.strerror or err})")
+    except Exception as err:  # orbax reports unreadable array files in several error types
+        parser.error(f"checkpoint step {step} cannot be read ({type(err).__name__}); pick another --step")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `show X | head` closed the pipe: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        sys.exit(0)

@@ -131,14 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is not None and not args.data.exists():
         parser.error(f"--data {args.data} does not exist")
 
+    from pureflax import checkpoint, loop, rundir, train
     from pureflax import data as data_lib
-    from pureflax import loop, train
     from pureflax.compat.backends import get_backend
 
     try:
         config = configure(args)
-        loop.make_placement(config.devices, config.batch_size)  # enough devices? before any work
-        train.check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+        loop.make_placement(config.devices, config.batch_size)  # enough devices, an even split: before any work
+        rundir.check(args.out, overwrite=args.overwrite, resume=args.resume)
     except ValueError as err:
         parser.error(str(err))
     if not args.no_compile_cache:
@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mnist = data_lib.load_mnist(args.data)
     except data_lib.DataError as err:
-        sys.stderr.write(f"train.py: data error: {err}\n")
-        return 1
+        parser.error(f"data: {err}")
     if config.batch_size > len(mnist.train.labels):
         parser.error(f"--batch-size {config.batch_size} is larger than the {len(mnist.train.labels)} training images")
     where = f"{config.devices} devices, data parallel" if config.devices > 1 else "1 device"
@@ -155,21 +154,26 @@ def main(argv: list[str] | None = None) -> int:
         f"training {args.backend} VAE ({'fused' if config.fuse else 'per step'}, {where}): "
         f"{len(mnist.train.labels)} train / {len(mnist.test.labels)} test images -> {args.out}"
     )
-    from pureflax import checkpoint
-
     try:
-        train.fit(config, mnist, args.out, backend=get_backend(args.backend, config.model), resume=args.resume)
-    except train.Interrupted as err:
+        train.fit(config, mnist, args.out, backend=get_backend(args.backend, config.model), resume=args.resume,
+                  overwrite=args.overwrite)
+    except rundir.Interrupted as err:
         again = " ".join(["python", "scripts/train.py", *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--resume"], "--resume"])
         sys.stderr.write(f"train.py: {err}; to continue: {again}\n")
         return 128 + err.signum
     except train.NonFiniteLoss as err:
-        sys.stderr.write(f"train.py: {err}; the last good checkpoint in {args.out / 'checkpoints'} is kept\n")
+        kept = checkpoint.latest_step(args.out / "checkpoints")
+        where = "no checkpoint was written before it" if kept is None else f"the last good checkpoint (step {kept}) is kept"
+        sys.stderr.write(f"train.py: {err}; {where}; lower --lr or add --clip-norm\n")
         return 3
-    except (checkpoint.ShapeMismatch, train.ResumeError) as err:
-        sys.stderr.write(f"train.py: error: {err}\n")
-        return 2
-    print(f"wrote {', '.join(train.RUN_FILES)} in {args.out}")
+    except (checkpoint.ShapeMismatch, rundir.RunError) as err:
+        parser.error(str(err))
+    except rundir.SaveError as err:
+        kept = checkpoint.latest_step(args.out / "checkpoints")
+        again = "" if kept is None else f"; earlier checkpoints are intact (latest: step {kept}): free space, then resume with --resume"
+        sys.stderr.write(f"train.py: error: {err}{again}\n")
+        return 1
+    print(f"wrote {', '.join(rundir.RUN_FILES)} in {args.out}")
     return 0
 
 

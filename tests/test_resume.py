@@ -1,30 +1,39 @@
-"""Runs that lose nothing: kill -9 and resume, signals, damaged checkpoints, NaN, wrong configs."""
+"""Runs that lose nothing: kill -9 and resume, signals, damage, settings, locks, a full disk, NaN.
 
+Real processes only where the process is the point (kill -9 of the fused and the per-step
+loop, SIGINT, a closed pipe); every other fault is injected in-process at a set step
+through ``fit``'s hook, so the cases are deterministic.
+"""
+
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
-import optax
+import orbax.checkpoint as ocp
 import pytest
 
-from pureflax import TrainState, checkpoint, train
+from pureflax import TrainState, checkpoint, data as data_lib, rundir, train
+from pureflax.compat.backends import get_backend
 from pureflax.data import save_mnist
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "train.py"
+from tiny import ROOT, load_script, tiny_mnist
+
+TRAIN, CHECKPOINTS = load_script("train"), load_script("checkpoints")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+class Crash(BaseException):
+    """What a kill looks like from inside: nothing below catches it, nothing is saved."""
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from test_train import tiny_mnist
-
     path = tmp_path_factory.mktemp("data") / "mnist"
     save_mnist(tiny_mnist(n_train=160, n_test=16), path)  # 20 steps per epoch at batch 8
     return path
@@ -32,31 +41,42 @@ def data(tmp_path_factory):
 
 def args_for(data, out, *extra):
     return ["--data", str(data), "--out", str(out), "--batch-size", "8", "--epochs", "3", "--log-every", "4",
-            "--ckpt-every", "10", "--latent-dim", "8", *extra]
+            "--ckpt-every", "10", "--latent-dim", "8", "--no-compile-cache", *map(str, extra)]
 
 
-def start(args):
-    return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV, cwd=ROOT)
+def cli(capsys, args):
+    """scripts/train.py's main in this process: (exit status, stdout, stderr)."""
+    try:
+        code = TRAIN.main(list(map(str, args)))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def run(args, timeout=240):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+def fit_like_cli(args, **kwargs):
+    """``train.fit`` with the settings train.py makes of ``args`` (so runs compare with CLI runs)."""
+    parsed = TRAIN.build_parser().parse_args(list(map(str, args)))
+    config = TRAIN.configure(parsed)
+    return train.fit(config, data_lib.load_mnist(parsed.data, log=lambda _: None), parsed.out, progress=False,
+                     backend=get_backend(parsed.backend, config.model), resume=parsed.resume, **kwargs)
+
+
+def crash_at(step, event="chunk"):
+    def hook(name, at):
+        if name == event and at >= step:
+            raise Crash(at)
+
+    return hook
+
+
+def crashed_run(data, out, step, *extra, event="chunk"):
+    with pytest.raises(Crash):
+        fit_like_cli(args_for(data, out, *extra), hook=crash_at(step, event))
 
 
 def committed(out):
     return checkpoint.all_steps(out / "checkpoints")
-
-
-def wait_for_checkpoint(process, out, at_least, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            return False
-        if any(s >= at_least for s in committed(out)):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def logged(out):
@@ -67,22 +87,19 @@ def logged(out):
 def final_params(out):
     directory = out / "checkpoints"
     step = checkpoint.latest_step(directory)
-    meta = checkpoint.read_meta(directory, step)
-    assert meta["position"][0] == step
-    tree = checkpoint.restore_raw(directory, step)
-    return step, tree
+    assert checkpoint.read_meta(directory, step)["position"][0] == step
+    return step, checkpoint.restore_raw(directory, step)
 
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
-    """The uninterrupted runs, one per (backend, fuse)."""
+    """The uninterrupted runs, one per (backend, fuse), run once."""
     cache = {}
 
-    def get(backend, fuse):
+    def get(backend="functional", fuse=True):
         if (backend, fuse) not in cache:
             out = tmp_path_factory.mktemp(f"ref-{backend}-{fuse}") / "out"
-            result = run(args_for(data, out, "--backend", backend, *([] if fuse else ["--no-fuse"])))
-            assert result.returncode == 0, result.stderr[-2000:]
+            assert TRAIN.main(args_for(data, out, "--backend", backend, *([] if fuse else ["--no-fuse"]))) == 0
             cache[backend, fuse] = out
         return cache[backend, fuse]
 
@@ -97,105 +114,277 @@ def assert_same_run(a, b):
         for key in ("loss", "mse", "kl"):
             assert abs(x[key] - y[key]) <= 1e-6 * max(1.0, abs(y[key])), (key, x, y)
     assert final_a["steps"] == final_b["steps"]
-    assert abs(final_a["test_loss"] - final_b["test_loss"]) <= 1e-6 * abs(final_b["test_loss"])
+    for key in ("test_loss", "final_epoch_loss"):
+        assert abs(final_a[key] - final_b[key]) <= 1e-6 * abs(final_b[key]), key
     step_a, tree_a = final_params(a)
     step_b, tree_b = final_params(b)
     assert step_a == step_b
     for x, y in zip(jax.tree_util.tree_leaves(tree_a), jax.tree_util.tree_leaves(tree_b)):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+    for name in ("samples.png", "reconstructions.png", "loss.png"):
+        assert (a / name).read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("backend, fuse", [("functional", True), ("functional", False), ("equinox", True), ("flax", True)])
-def test_kill_9_and_resume_ends_where_the_uninterrupted_run_ends(data, tmp_path, reference, backend, fuse):
-    extra = ["--backend", backend, *([] if fuse else ["--no-fuse"])]
+# --- real processes: kill -9, a second run on a locked folder, SIGINT -----------------------
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+
+
+def wait_for_checkpoint(process, out, at_least, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            return False
+        if any(s >= at_least for s in committed(out)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_kill_9_and_resume_ends_where_the_uninterrupted_run_ends_and_the_lock_holds_meanwhile(data, tmp_path, reference, capsys, fuse):
+    extra = [] if fuse else ["--no-fuse"]
     out = tmp_path / "out"
     process = start(args_for(data, out, *extra))
     reached = wait_for_checkpoint(process, out, at_least=20)
+    # a second run, or a resume, on the folder while the first one trains: refused at once, naming the holder
+    for second in (args_for(data, out, *extra), args_for(data, out, *extra, "--overwrite"), args_for(data, out, *extra, "--resume")):
+        code, _, err = cli(capsys, second)
+        assert code == 2 and f"in use by another run (pid {process.pid})" in err and err.count("\n") == 1, err
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert reached and process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = max(committed(out))
     assert killed_at < 60
-    result = run(args_for(data, out, *extra, "--resume"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"resuming from step {killed_at}" in result.stdout
-    assert_same_run(out, reference(backend, fuse))
+    assert (out / ".lock").read_text().strip() == str(process.pid)  # a dead holder's lock does not block
+    code, stdout, err = cli(capsys, args_for(data, out, *extra, "--resume"))
+    assert code == 0, err
+    assert f"resuming from step {killed_at}" in stdout
+    assert_same_run(out, reference("functional", fuse))
 
 
-@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signals_save_print_how_to_resume_and_exit(data, tmp_path, reference, sig, status):
+def test_sigint_saves_prints_how_to_resume_and_exits_130(data, tmp_path, reference, capsys):
     out = tmp_path / "out"
     process = start(args_for(data, out))
     assert wait_for_checkpoint(process, out, at_least=10)
-    process.send_signal(sig)
+    process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == status, stderr[-2000:]
-    assert signal.Signals(sig).name in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert process.returncode == 130, stderr[-2000:]
+    assert "SIGINT" in stderr and "--resume" in stderr and "Traceback" not in stderr
     stopped_at = max(committed(out))
     assert stopped_at < 60  # it stopped early, and saved where it stopped
     assert checkpoint.read_meta(out / "checkpoints", stopped_at)["position"][0] == stopped_at
-    if sig == signal.SIGTERM:
-        return  # resuming after a signal is the same as after SIGINT, checked below; spare the suite a run
-    result = run(args_for(data, out, "--resume"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert_same_run(out, reference("functional", True))
+    code, _, err = cli(capsys, args_for(data, out, "--resume"))
+    assert code == 0, err
+    assert_same_run(out, reference())
 
 
-def test_a_half_written_checkpoint_is_never_taken_as_good(data, tmp_path, reference):
+# --- in-process faults at a set step ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["equinox", "flax"])
+def test_a_crash_between_checkpoints_resumes_exactly_in_every_form(data, tmp_path, reference, capsys, backend):
     out = tmp_path / "out"
-    process = start(args_for(data, out))
-    assert wait_for_checkpoint(process, out, at_least=10)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    good = max(committed(out))
-    # what a kill in the middle of orbax writing step good+10 leaves: its temporary folder, partly written
-    partial = out / "checkpoints" / f"{good + 10}.orbax-checkpoint-tmp-1234"
-    partial.mkdir()
-    (partial / "state").mkdir()
+    crashed_run(data, out, 24, "--backend", backend)
+    assert committed(out) == [10, 20]
+    code, stdout, err = cli(capsys, args_for(data, out, "--backend", backend, "--resume"))
+    assert code == 0, err
+    assert "resuming from step 20" in stdout
+    assert_same_run(out, reference(backend))
+
+
+def test_sigterm_saves_where_it_stopped_and_exits_143(data, tmp_path, reference, capsys, monkeypatch):
+    out = tmp_path / "out"
+    record = rundir.RunFolder.record
+
+    def record_then_signal(self, pos, metrics):
+        pos = record(self, pos, metrics)
+        if pos.step == 16:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the run's StopFlag, in this process
+        return pos
+
+    monkeypatch.setattr(rundir.RunFolder, "record", record_then_signal)
+    code, _, err = cli(capsys, args_for(data, out))
+    assert code == 143 and "SIGTERM at step 16" in err and "--resume" in err, err
+    assert committed(out) == [10, 16]
+    monkeypatch.undo()
+    code, _, err = cli(capsys, args_for(data, out, "--resume"))
+    assert code == 0, err
+    assert_same_run(out, reference())
+
+
+def test_a_half_written_checkpoint_is_never_taken_as_good(data, tmp_path, reference, capsys):
+    out = tmp_path / "out"
+    crashed_run(data, out, 24)
+    # what a kill in the middle of orbax writing step 30 leaves: its temporary folder, partly written
+    partial = out / "checkpoints" / "30.orbax-checkpoint-tmp-1234"
+    (partial / "state").mkdir(parents=True)
     (partial / "state" / "half").write_bytes(b"\0" * 10)
-    assert max(committed(out)) == good
-    result = run(args_for(data, out, "--resume"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"resuming from step {good}" in result.stdout
-    assert_same_run(out, reference("functional", True))
+    assert max(committed(out)) == 20
+    code, stdout, err = cli(capsys, args_for(data, out, "--resume"))
+    assert code == 0, err
+    assert "resuming from step 20" in stdout
+    assert_same_run(out, reference())
 
 
-@pytest.mark.parametrize("damage", ["truncate", "remove"])
-def test_a_damaged_latest_checkpoint_is_set_aside(data, tmp_path, reference, damage):
+@pytest.mark.parametrize("damage", ["truncate", "remove", "stray"])
+def test_a_damaged_latest_checkpoint_is_set_aside(data, tmp_path, reference, capsys, damage):
     out = tmp_path / "out"
-    process = start(args_for(data, out))
-    assert wait_for_checkpoint(process, out, at_least=20)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    steps = committed(out)
-    latest, previous = steps[-1], steps[-2]
-    files = sorted(p for p in (out / "checkpoints" / str(latest) / "state").rglob("*") if p.is_file() and p.stat().st_size > 0)
+    crashed_run(data, out, 24)
+    latest = out / "checkpoints" / "20"
+    files = sorted(p for p in (latest / "state").rglob("*") if p.is_file() and p.stat().st_size > 0)
     assert files
     for path in files:
         if damage == "truncate":
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
-        else:
+        elif damage == "remove":
             path.unlink()
-    result = run(args_for(data, out, "--resume"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"checkpoint step {latest} is damaged" in result.stdout
-    assert f"resuming from step {previous}" in result.stdout
-    assert (out / "checkpoints" / f"{latest}.damaged").is_dir()  # set aside, not deleted
-    assert_same_run(out, reference("functional", True))
+    if damage == "stray":  # a numbered folder copied in by hand, newer than any checkpoint
+        (out / "checkpoints" / "25" / "state").mkdir(parents=True)
+    code, stdout, err = cli(capsys, args_for(data, out, "--resume"))
+    assert code == 0, err
+    step = 25 if damage == "stray" else 20
+    assert f"checkpoint step {step} is damaged" in stdout
+    assert f"resuming from step {10 if damage != 'stray' else 20}" in stdout
+    assert (out / "checkpoints" / f"{step}.damaged").is_dir()  # set aside, not deleted
+    assert_same_run(out, reference())
 
 
-def test_a_non_finite_loss_stops_with_the_step_and_term_and_saves_nothing_bad(data, tmp_path):
+# issue row 1: a resume configured differently never sets a good checkpoint aside
+@pytest.mark.parametrize(
+    "flags, named",
+    [(["--optimizer", "sgd"], "--optimizer sgd differs from the run's adamw"),
+     (["--optimizer", "adam"], "--optimizer adam differs from the run's adamw"),
+     (["--grad-accum", "2"], "--grad-accum 2 differs from the run's 1"),
+     (["--clip-norm", "1"], "--clip-norm 1.0 differs from the run's unset"),
+     (["--batch-size", "16"], "--batch-size 16 differs from the run's 8"),  # row 4: the position would be reinterpreted
+     (["--seed", "7"], "--seed 7 differs from the run's 65535"),
+     (["--latent-dim", "16"], "--latent-dim 16 differs from the run's 8")],
+)
+def test_resume_with_a_setting_that_changes_the_saved_state_is_refused_and_sets_nothing_aside(
+        data, tmp_path, reference, capsys, flags, named):
     out = tmp_path / "out"
-    result = run(args_for(data, out, "--lr", "1e12", "--optimizer", "sgd", "--ckpt-every", "2"))
-    assert result.returncode == 3, result.stderr[-2000:]
-    message = result.stderr.strip().splitlines()[-1]
-    assert "non-finite" in message and ("mse is" in message or "kl is" in message) and "Traceback" not in result.stderr
+    crashed_run(data, out, 24)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    code, _, err = cli(capsys, [*args_for(data, out, "--resume"), *flags])
+    assert code == 2 and named in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert not list((out / "checkpoints").glob("*.damaged*"))
+    code, _, err = cli(capsys, args_for(data, out, "--resume"))  # the right resume still works
+    assert code == 0, err
+    assert_same_run(out, reference())
+
+
+def test_resume_with_another_lr_kl_weight_or_schedule_continues_and_says_so(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    crashed_run(data, out, 24)
+    code, stdout, err = cli(capsys, [*args_for(data, out, "--resume"), "--lr", "3e-4", "--kl-weight", "0.25",
+                                     "--schedule", "linear", "--epochs", "4"])
+    assert code == 0, err
+    for line in ("resume: --lr is 0.0003 from here on (the run had 0.0001)",
+                 "resume: --kl-weight is 0.25 from here on (the run had 0.5)",
+                 "resume: --schedule is linear from here on (the run had constant)",
+                 "resume: --epochs is 4 from here on (the run had 3)"):
+        assert line in stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    event = next(r for r in rows if r.get("event") == "resume")
+    assert event["global_step"] == 20 and len(event["changed"]) == 4
+    settings = checkpoint.read_meta(out / "checkpoints", 80)["settings"]  # recorded: the next resume checks these
+    assert (settings["optim.lr"], settings["kl_weight"], settings["optim.schedule"], settings["epochs"]) == (3e-4, 0.25, "linear", 4)
+    assert settings["batch_size"] == 8 and settings["backend"] == "functional" and len(settings["data"]) == 64
+    assert rows[-1]["steps"] == 80
+
+
+def test_resume_with_another_model_names_the_path_and_both_shapes_and_writes_nothing(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    crashed_run(data, out, 12)
+    # an older checkpoint records no settings: the shapes still refuse it, and nothing is set aside
+    meta = out / "checkpoints" / "10" / "meta" / "metadata"
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "settings"}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    code, _, err = cli(capsys, args_for(data, out, "--resume", "--latent-dim", "16"))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "latent_proj/kernel was saved with shape" in err  # the path, then both shapes
+    assert ("(8, 64)" in err and "(16, 64)" in err) or ("(64, 16)" in err and "(64, 32)" in err) or ("(64, 8)" in err and "(64, 16)" in err)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+# issue row 5: a kill after the last checkpoint, before the final row and the pictures
+def test_resume_of_a_run_killed_before_its_final_row_finishes_it(data, tmp_path, reference, capsys):
+    out = tmp_path / "out"
+    crashed_run(data, out, 60, event="final")
+    assert max(committed(out)) == 60 and not (out / "samples.png").exists()
+    assert "test_loss" not in (out / "metrics.jsonl").read_text()
+    code, stdout, err = cli(capsys, args_for(data, out, "--resume"))
+    assert code == 0, err
+    assert "test loss:" in stdout
+    assert_same_run(out, reference())
+    code, _, err = cli(capsys, args_for(data, out, "--resume"))  # now it is complete: nothing left to do
+    assert code == 2 and "is complete (60 steps" in err and "--epochs" in err
+
+
+# issue row 8
+def test_resume_drops_a_half_written_last_log_line(data, tmp_path, reference, capsys):
+    out = tmp_path / "out"
+    crashed_run(data, out, 24)
+    with open(out / "metrics.jsonl", "a") as file:
+        file.write('{"epoch": 1, "step": 8, "global_st')
+    code, stdout, err = cli(capsys, args_for(data, out, "--resume"))
+    assert code == 0, err
+    assert "dropped 1 line(s)" in stdout
+    assert_same_run(out, reference())
+
+
+# issue row 7: a full disk surfaces at the save that failed, and what was saved before stays good
+def test_a_full_disk_stops_at_the_failing_save_with_one_line_and_keeps_earlier_checkpoints(
+        data, tmp_path, reference, capsys, monkeypatch):
+    out = tmp_path / "out"
+    save_fn = ocp.JsonCheckpointHandler._save_fn
+
+    async def full_from_step_30(self, x, directory):
+        if isinstance(x, dict) and x.get("position", [0])[0] >= 30:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await save_fn(self, x, directory)
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", full_from_step_30)
+    code, _, err = cli(capsys, args_for(data, out))
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "checkpoint at step 30" in err and "No space left on device" in err and str(out / "checkpoints") in err
+    assert "latest: step 20" in err
+    rows = logged(out)[0]
+    assert max(r["global_step"] for r in rows) <= 40  # stopped within a chunk of the failing save, not at the end
+    monkeypatch.undo()
+    assert committed(out) == [10, 20]
+    code, _, err = cli(capsys, args_for(data, out, "--resume"))
+    assert code == 0, err
+    assert_same_run(out, reference())
+
+
+# issue row 13
+def test_a_non_finite_loss_stops_with_the_step_and_term_and_says_no_checkpoint_exists(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, args_for(data, out, "--lr", "1e12", "--optimizer", "sgd"))
+    assert code == 3, err
+    message = err.strip().splitlines()[-1]
+    assert "non-finite" in message and ("mse is" in message or "kl is" in message) and "Traceback" not in err
+    assert "no checkpoint was written" in message and "is kept" not in message
+    assert committed(out) == []
+
+
+def test_a_non_finite_loss_keeps_the_last_good_checkpoint_and_saves_nothing_bad(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, args_for(data, out, "--lr", "3", "--optimizer", "sgd", "--ckpt-every", "2"))
+    assert code == 3, err
+    message = err.strip().splitlines()[-1]
     bad_step = int(message.split("step ")[1].split(":")[0])
     steps = committed(out)
-    assert all(s < bad_step for s in steps)
-    if steps:
-        tree = checkpoint.restore_raw(out / "checkpoints", steps[-1])
-        assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree["params"]))
+    assert steps and all(s < bad_step for s in steps)
+    assert f"the last good checkpoint (step {steps[-1]}) is kept" in message
+    tree = checkpoint.restore_raw(out / "checkpoints", steps[-1])
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree["params"]))
 
 
 def test_check_finite_names_the_root_term():
@@ -206,57 +395,89 @@ def test_check_finite_names_the_root_term():
         train.check_finite(metrics[2:], 2)
 
 
-def test_resume_with_another_model_names_the_path_and_both_shapes_and_writes_nothing(data, tmp_path):
+def test_resume_and_overwrite_conflict_and_resume_needs_checkpoints(data, tmp_path, capsys):
+    code, _, err = cli(capsys, args_for(data, tmp_path / "none", "--resume"))
+    assert code == 2 and "holds no checkpoints" in err
+    code, _, err = cli(capsys, args_for(data, tmp_path / "none", "--resume", "--overwrite"))
+    assert code == 2 and "choose one" in err
+
+
+def test_a_locked_folder_is_refused_before_any_work(data, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run(args_for(data, out, "--max-steps", "12")).returncode == 0
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    result = run(args_for(data, out, "--resume", "--latent-dim", "16", "--max-steps", "24"))
-    assert result.returncode == 2
-    assert "latent_proj/kernel was saved with shape" in result.stderr  # the path, then both shapes
-    assert ("(8, 64)" in result.stderr and "(16, 64)" in result.stderr) or ("(64, 16)" in result.stderr and "(64, 32)" in result.stderr)
-    assert "Traceback" not in result.stderr
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    out.mkdir()
+    with rundir._locked(out):
+        code, _, err = cli(capsys, args_for(data, out))
+    assert code == 2 and f"--out {out} is in use by another run (pid {os.getpid()})" in err and err.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
-def test_resume_and_overwrite_conflict_and_resume_needs_checkpoints(data, tmp_path):
-    result = run(args_for(data, tmp_path / "none", "--resume"))
-    assert result.returncode == 2 and "holds no checkpoints" in result.stderr
-    result = run(args_for(data, tmp_path / "none", "--resume", "--overwrite"))
-    assert result.returncode == 2 and "choose one" in result.stderr
+# issue row 11 and row 10 through the script: data errors are user errors
+def test_data_errors_exit_2_with_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    save_mnist(tiny_mnist(n_train=16, n_test=16), empty)
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.load_from_disk(str(empty))["train"].select([]),
+                          "test": datasets.load_from_disk(str(empty))["test"]}).save_to_disk(str(tmp_path / "zero"))
+    for bad in (tmp_path / "zero", tmp_path / "mnist.pkl.gz"):
+        if bad.suffix == ".gz":
+            bad.write_bytes(b"not gzip at all")
+        code, _, err = cli(capsys, ["--data", bad, "--out", tmp_path / "o", "--no-compile-cache"])
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and str(bad) in err, err
 
 
-def test_prune_keeps_the_newest_and_the_best(tmp_path):
-    tx = optax.sgd(0.1)
-    state = TrainState.create({"w": np.ones(2, np.float32)}, tx)
+# issue row 12
+def test_too_many_devices_names_the_device_count_not_the_batch(tmp_path, capsys):
+    code, _, err = cli(capsys, ["--devices", "3", "--out", tmp_path / "o"])
+    assert code == 2 and "--devices 3: this machine has 1" in err and "batch" not in err, err
+
+
+def test_retention_is_orbax_policy_and_survives_a_resume(tmp_path):
+    state = TrainState.create({"w": np.ones(2, np.float32)}, __import__("optax").sgd(0.1))
     losses = {2: 5.0, 4: 1.0, 6: 3.0, 8: 4.0, 10: 6.0}
-    for step, loss in losses.items():
-        checkpoint.save(tmp_path, state._replace(step=np.int32(step)), meta={"test_loss": loss})
+    for chunk in ((2, 4, 6), (8, 10)):  # two managers: the second sees the first one's metrics
+        with checkpoint.manager(tmp_path, keep=2, keep_best=True) as mgr:
+            for step in chunk:
+                checkpoint.save_with(mgr, state._replace(step=np.int32(step)), {"test_loss": losses[step]}, losses[step])
     assert checkpoint.best_step(tmp_path) == 4
-    deleted = checkpoint.prune(tmp_path, keep=2, keep_best=True)
-    assert sorted(deleted) == [2, 6]
     assert checkpoint.all_steps(tmp_path) == [4, 8, 10]
     assert checkpoint.latest_step(tmp_path) == 10  # resuming takes the latest, not the best
 
 
-def checkpoints_script(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "checkpoints.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
+# --- scripts/checkpoints.py ---------------------------------------------------------------------
 
 
-def test_checkpoints_script_lists_shows_and_exports(data, tmp_path):
-    out = tmp_path / "out"
-    assert run(args_for(data, out, "--max-steps", "24", "--keep", "2", "--keep-best")).returncode == 0
-    listing = checkpoints_script("list", out)
-    assert listing.returncode == 0, listing.stderr
-    steps = checkpoint.all_steps(out / "checkpoints")
-    assert 24 in steps and len(steps) <= 3  # newest two and the best
-    assert "latest" in listing.stdout and "best" in listing.stdout
-    shown = checkpoints_script("show", out, "--step", 24)
-    assert shown.returncode == 0 and "encoder/Dense_0/kernel" in shown.stdout and "(784, 256)" in shown.stdout
-    tree = checkpoint.restore_raw(out / "checkpoints", 24)["params"]
+def checkpoints(capsys, *args):
+    try:
+        code = CHECKPOINTS.main(list(map(str, args)))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def kept_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kept") / "out"
+    assert TRAIN.main(args_for(data, out, "--max-steps", "40", "--keep", "2", "--keep-best")) == 0
+    return out
+
+
+def test_checkpoints_script_lists_shows_and_exports(kept_run, tmp_path, capsys):
+    out = kept_run
+    code, listing, err = checkpoints(capsys, "list", out)
+    assert code == 0, err
+    steps = committed(out)
+    assert 40 in steps and len(steps) <= 3  # newest two and the best
+    assert "latest" in listing and "best" in listing
+    row = next(line for line in listing.splitlines() if line.split()[:1] == ["40"])
+    assert row.split()[1] == "1"  # the epoch the run printed for step 40 (20 steps an epoch: epoch 1)
+    code, shown, _ = checkpoints(capsys, "show", out, "--step", 40)
+    assert code == 0 and "encoder/Dense_0/kernel" in shown and "(784, 256)" in shown and "epoch: 1" in shown
+    tree = checkpoint.restore_raw(out / "checkpoints", 40)["params"]
     for target in (tmp_path / "p.npz", tmp_path / "p.safetensors"):
-        exported = checkpoints_script("export", out, target)
-        assert exported.returncode == 0, exported.stderr
+        code, _, err = checkpoints(capsys, "export", out, target)
+        assert code == 0, err
         if target.suffix == ".npz":
             arrays = dict(np.load(target))
         else:
@@ -267,11 +488,49 @@ def test_checkpoints_script_lists_shows_and_exports(data, tmp_path):
         assert len(arrays) == 18  # 9 dense layers, kernel and bias
 
 
+# issue row 6: a run with --ckpt-every and no --keep-best has checkpoints without a test loss
+def test_checkpoints_script_lists_steps_without_a_test_loss(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    crashed_run(data, out, 24)
+    code, listing, err = checkpoints(capsys, "list", out)
+    assert code == 0, err
+    rows = [line.split()[:3] for line in listing.splitlines() if line.split()[:1] in (["10"], ["20"])]
+    assert rows == [["10", "0", "-"], ["20", "0", "-"]], listing
+
+
+# issue row 9
+def test_checkpoints_script_answers_damage_strays_and_bad_paths_in_one_line(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    crashed_run(data, out, 24)
+    for path in (out / "checkpoints" / "20" / "state").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    (out / "checkpoints" / "999").mkdir()  # a stray numbered folder: ignored
+    code, listing, err = checkpoints(capsys, "list", out)
+    assert code == 0 and "ignored: 999/" in listing, err
+    for args, message in [(["show", out], "checkpoint step 20"), (["show", out, "--step", 20], "checkpoint step 20"),
+                          (["export", out, tmp_path / "p.npz"], "checkpoint step 20"),
+                          (["export", out, tmp_path / "no" / "such" / "p.npz", "--step", 10], "does not exist"),
+                          (["show", out, "--step", 999], "not a checkpoint")]:
+        code, _, err = checkpoints(capsys, *args)
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+    code, shown, err = checkpoints(capsys, "show", out, "--step", 10)
+    assert code == 0 and "params:" in shown, err
+
+
+def test_checkpoints_script_show_into_a_closed_pipe_prints_no_traceback(kept_run):
+    script = ROOT / "scripts" / "checkpoints.py"
+    # `true` exits without reading, long before the script has imported jax: every write meets a closed pipe
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", f"'{sys.executable}' '{script}' show '{kept_run}' | true"],
+                            capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [(["list", "/no/such/run"], "is not a folder"), (["export", ".", "p.txt"], "holds no checkpoints"),
      (["frobnicate", "."], "invalid choice")],
 )
-def test_checkpoints_script_bad_input_exits_2_with_one_line(args, message):
-    result = checkpoints_script(*args)
-    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+def test_checkpoints_script_bad_input_exits_2_with_one_line(args, message, capsys):
+    code, _, err = checkpoints(capsys, *args)
+    assert code == 2 and message in err and err.count("\n") == 1

@@ -1,6 +1,5 @@
 """scripts/train.py end to end on tiny data, and its answers to bad input."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,22 +11,13 @@ import numpy as np
 import pytest
 
 from pureflax import TrainState, checkpoint, optim, train, vae
-from pureflax.data import MNIST, Split, save_mnist
+from pureflax.data import save_mnist
+
+import tiny
+from tiny import tiny_mnist  # noqa: F401  (other test files take it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
-
-
-def tiny_mnist(n_train=96, n_test=30, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def split(n):
-        labels = rng.integers(0, 10, n).astype(np.int32)
-        images = rng.integers(0, 40, (n, 784)).astype(np.uint8)
-        images[np.arange(n), labels * 70 + 50] = 255  # a class-dependent bright pixel: something to learn
-        return Split(images, labels)
-
-    return MNIST(split(n_train), split(n_test))
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +28,7 @@ def tiny_data(tmp_path_factory):
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tiny.load_script("train")
 
 
 def run_script(*args, timeout=240):

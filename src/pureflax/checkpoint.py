@@ -21,13 +21,13 @@ Example:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 
 from pureflax.optim import path_str
 
@@ -40,22 +40,47 @@ class ShapeMismatch(CheckpointError):
     """The checkpoint's params do not fit the model being restored: path and both shapes named."""
 
 
-def manager(directory: str | Path, *, keep: int | None = None, async_save: bool = True) -> ocp.CheckpointManager:
-    """An orbax ``CheckpointManager`` on ``directory`` (created), keeping at most ``keep`` steps."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+def manager(
+    directory: str | Path, *, keep: int | None = None, keep_best: bool = False, async_save: bool = True
+) -> ocp.CheckpointManager:
+    """An orbax ``CheckpointManager`` on ``directory`` (created) that retains through orbax's own policies.
+
+    Args:
+        directory: the checkpoints folder.
+        keep: keep the newest ``keep`` steps (``LatestN``); ``None`` keeps every step.
+        keep_best: also keep the step with the lowest ``test_loss`` (``BestN`` over the metrics
+            passed to :func:`save_with`; orbax writes them beside the step, so they survive a resume).
+        async_save: write in orbax's background thread.
+    """
+    policy = None
+    if keep is not None:
+        policy = cm.LatestN(n=keep)
+        if keep_best:
+            policy = cm.AnyPreservationPolicy([policy, cm.BestN(get_metric_fn=_test_loss, reverse=True, n=1)])
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=async_save, preservation_policy=policy,
+        best_fn=_test_loss if keep_best else None, best_mode="min",
+    )
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}  # so metadata reads need no args
     return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+
+
+def _test_loss(metrics: dict[str, Any]) -> float:
+    return float(metrics["test_loss"])
 
 
 def _as_tree(state: Any) -> dict[str, Any]:
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
-def save_with(mgr: ocp.CheckpointManager, state: Any, meta: dict[str, Any] | None = None) -> int:
-    """Start saving ``state`` (and ``meta``) at its step with an open manager; orbax may finish in the background."""
+def save_with(mgr: ocp.CheckpointManager, state: Any, meta: dict[str, Any] | None = None, test_loss: float | None = None) -> int:
+    """Start saving ``state`` (and ``meta``) at its step with an open manager; orbax may finish in the background.
+
+    ``test_loss`` goes to orbax as the step's metrics, which its ``BestN`` policy ranks.
+    """
     step = int(jax.device_get(state.step))
     args = ocp.args.Composite(state=ocp.args.StandardSave(_as_tree(state)), meta=ocp.args.JsonSave(dict(meta or {})))
-    mgr.save(step, args=args, force=True)
+    mgr.save(step, args=args, force=True, metrics=None if test_loss is None else {"test_loss": test_loss})
     return step
 
 
@@ -71,12 +96,32 @@ def save(directory: str | Path, state: Any, *, meta: dict[str, Any] | None = Non
     return step
 
 
-def all_steps(directory: str | Path) -> list[int]:
-    """Every committed step in ``directory``, oldest first (none if it does not exist)."""
-    if not Path(directory).is_dir():
+def _numbered(directory: str | Path) -> list[tuple[int, Path]]:
+    directory = Path(directory)
+    if not directory.is_dir():
         return []
-    with manager(directory) as mgr:
-        return sorted(mgr.all_steps())
+    return sorted((int(p.name), p) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def all_steps(directory: str | Path) -> list[int]:
+    """Every committed step in ``directory``, oldest first (none if it does not exist).
+
+    orbax writes a step into a temporary folder and renames it to the step number when it
+    commits, with its ``_CHECKPOINT_METADATA``; a numbered folder without one is not a checkpoint
+    (see :func:`stray_steps`).
+    """
+    return [step for step, path in _numbered(directory) if (path / "_CHECKPOINT_METADATA").is_file()]
+
+
+def stray_steps(directory: str | Path) -> list[int]:
+    """Numbered folders in ``directory`` that are not orbax checkpoints (copied in, or emptied)."""
+    return [step for step, path in _numbered(directory) if not (path / "_CHECKPOINT_METADATA").is_file()]
+
+
+def set_aside_steps(directory: str | Path) -> list[str]:
+    """The names of steps set aside by :func:`set_aside` (``<step>.damaged[-n]``)."""
+    directory = Path(directory)
+    return sorted(p.name for p in directory.glob("*.damaged*")) if directory.is_dir() else []
 
 
 def latest_step(directory: str | Path) -> int | None:
@@ -96,8 +141,12 @@ def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint step {step}: its metadata cannot be read ({err})") from None
 
 
-def saved_shapes(directory: str | Path, step: int) -> dict[str, tuple[int, ...]]:
-    """``{'params/encoder/Dense_0/kernel': (784, 256), ...}`` as saved, read from orbax's metadata."""
+def saved_leaves(directory: str | Path, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{'params/encoder/Dense_0/kernel': ((784, 256), 'float32'), ...}`` as saved, from orbax's metadata.
+
+    Raises:
+        CheckpointError: the metadata cannot be read (the step's files are damaged).
+    """
     with manager(directory) as mgr:
         try:
             metadata = mgr.item_metadata(step)
@@ -107,24 +156,44 @@ def saved_shapes(directory: str | Path, step: int) -> dict[str, tuple[int, ...]]
     if tree is None:
         raise CheckpointError(f"checkpoint step {step}: it holds no state")
     leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-    return {path_str(p): tuple(leaf.shape) for p, leaf in leaves if hasattr(leaf, "shape")}
+    return {path_str(p): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for p, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def saved_shapes(directory: str | Path, step: int) -> dict[str, tuple[int, ...]]:
+    """``{'params/encoder/Dense_0/kernel': (784, 256), ...}`` as saved, read from orbax's metadata."""
+    return {path: shape for path, (shape, _) in saved_leaves(directory, step).items()}
+
+
+def _leaves(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    def describe(x: Any) -> tuple[tuple[int, ...], str]:
+        return tuple(np.shape(x)), str(np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype))
+
+    return {path_str(p): describe(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def check_compatible(directory: str | Path, step: int, target: Any) -> None:
-    """Raise :class:`ShapeMismatch` naming the first param path whose saved and target shapes differ."""
-    saved = saved_shapes(directory, step)
-    wanted = {path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path({"params": target.params})}
-    for path, shape in wanted.items():
-        if path not in saved:
-            raise ShapeMismatch(f"checkpoint step {step} has no {path}: it was written for another model")
-        if saved[path] != shape:
-            raise ShapeMismatch(
-                f"checkpoint step {step}: {path} was saved with shape {saved[path]} but this model has {shape} "
-                "(resume with the settings the run was started with)"
-            )
-    extra = sorted(p for p in saved if p.startswith("params/") and p not in wanted)
-    if extra:
-        raise ShapeMismatch(f"checkpoint step {step} has params this model lacks: {', '.join(extra[:5])}")
+    """Raise :class:`ShapeMismatch` naming the first path whose saved and target shape or dtype differ.
+
+    Params are checked first (another model), then the optimiser state (another optimiser), so
+    the message says which of the two the run being restored differs in.
+    """
+    saved = saved_leaves(directory, step)
+    for part, hint in (("params", "another model"), ("opt_state", "another optimiser configuration"), ("step", "another kind of state")):
+        wanted = _leaves({part: getattr(target, part)})
+        have = {p: v for p, v in saved.items() if p == part or p.startswith(part + "/")}
+        for path, (shape, dtype) in wanted.items():
+            if path not in have:
+                raise ShapeMismatch(f"checkpoint step {step} has no {path}: it was written for {hint}")
+            if have[path][0] != shape:
+                raise ShapeMismatch(
+                    f"checkpoint step {step}: {path} was saved with shape {have[path][0]} but this model has {shape} "
+                    "(resume with the settings the run was started with)"
+                )
+            if have[path][1] != dtype:
+                raise ShapeMismatch(f"checkpoint step {step}: {path} was saved as {have[path][1]} but this run has {dtype}")
+        extra = sorted(p for p in have if p not in wanted)
+        if extra:
+            raise ShapeMismatch(f"checkpoint step {step} has {part} this run lacks ({', '.join(extra[:3])}): it was written for {hint}")
 
 
 def restore_with_meta(directory: str | Path, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
@@ -158,27 +227,6 @@ def set_aside(directory: str | Path, step: int) -> Path:
         target, n = source.with_name(f"{step}.damaged-{n}"), n + 1
     source.rename(target)
     return target
-
-
-def prune(directory: str | Path, keep: int | None, keep_best: bool) -> list[int]:
-    """Delete committed steps beyond the newest ``keep``, sparing the best by ``test_loss`` if ``keep_best``.
-
-    Returns:
-        The steps deleted.
-    """
-    steps = all_steps(directory)
-    if keep is None or len(steps) <= keep:
-        return []
-    spare = set(steps[-keep:])
-    if keep_best:
-        scored = [(read_meta(directory, s).get("test_loss"), s) for s in steps]
-        scored = [(loss, s) for loss, s in scored if isinstance(loss, (int, float)) and np.isfinite(loss)]
-        if scored:
-            spare.add(min(scored)[1])
-    doomed = [s for s in steps if s not in spare]
-    for step in doomed:
-        shutil.rmtree(Path(directory) / str(step))
-    return doomed
 
 
 def best_step(directory: str | Path) -> int | None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,18 +41,3 @@ def write_pictures(params, test: step_lib.Batch, model: vae.VAEConfig, key: jax.
 def format_line(epoch: int, step: int, loss: float, mse: float, kl: float) -> str:
     """The tutorial's log line."""
     return f"epoch {epoch} | step {step} | loss: {loss:.4f} ~ mse: {mse:.4f}. kl: {kl:.4f}"
-
-
-class Logger(NamedTuple):
-    """Where log lines go: the JSONL file, the terminal (above the bar) and the run's list."""
-
-    file: Any  # open text file, metrics.jsonl
-    bar: Any  # tqdm bar
-    rows: list[dict[str, Any]]
-
-    def emit(self, row: dict[str, Any], line: str | None = None) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()  # a crash keeps every line already logged
-        self.rows.append(row)
-        if line is not None:
-            self.bar.write(line)

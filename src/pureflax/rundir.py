@@ -1,0 +1,533 @@
+"""The run folder (``--out``): the one owner of everything a run writes there.
+
+A run folder holds ``metrics.jsonl`` (one JSON row per log line, then the final row),
+``checkpoints/`` (orbax steps, each with the train state, the run's position and its
+settings), the pictures and ``.lock``. :class:`RunFolder` is the only code that writes
+there: it takes an OS lock for the whole run, checks the settings of a resumed run against
+the ones recorded, restores the latest good checkpoint, records each chunk of steps,
+saves (orbax keeps the newest and the best), turns SIGINT/SIGTERM into a saved stop, and
+writes the final row.
+
+The arithmetic of a run's progress is pure and lives here too: :class:`Position`,
+:func:`advance` (the position after a chunk) and :func:`chunks` (where chunks end).
+
+Example:
+    >>> plan = Plan(steps_per_epoch=5, total=12, log_every=2, ckpt_every=4)
+    >>> [(c.epoch, c.start, c.length) for c in chunks(0, plan)][:4]
+    [(0, 0, 2), (0, 2, 2), (0, 4, 1), (1, 0, 1)]
+    >>> pos, row = advance(Position.start(), np.ones((2, 3)), plan)
+    >>> pos.step, row["global_step"], row["loss"]
+    (2, 2, 1.0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pureflax import checkpoint, report
+
+RUN_FILES = ("metrics.jsonl", "samples.png", "reconstructions.png", "loss.png", "checkpoints")
+LOCK = ".lock"
+
+
+class RunError(ValueError):
+    """A run folder problem the user can fix (exit status 2): the message says how."""
+
+
+class RunLocked(RunError):
+    """Another live process holds the folder's lock."""
+
+
+class ResumeError(RunError):
+    """``--resume`` cannot continue this run: the message says why."""
+
+
+class SaveError(RuntimeError):
+    """Writing into the run folder failed (disk full, I/O error): names the step and the folder."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: the run saved a checkpoint at ``step`` and stopped."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}; saved a checkpoint there")
+        self.signum, self.step = signum, step
+
+
+# --- the pure part: where a run is --------------------------------------------------------
+
+
+class Plan(NamedTuple):
+    """The fixed shape of a run, from its settings and the data size."""
+
+    steps_per_epoch: int
+    total: int  # steps in all
+    log_every: int
+    ckpt_every: int | None
+
+    def checkpoint_due(self, step: int) -> bool:
+        """A periodic checkpoint at ``step`` (the final one is saved by the finish)."""
+        return bool(self.ckpt_every) and step % self.ckpt_every == 0 and step < self.total
+
+
+class Position(NamedTuple):
+    """Where a run is, beyond the state: what a checkpoint must carry to resume exactly."""
+
+    step: int  # steps taken in all
+    window: list[list[float]]  # per-step (loss, mse, kl) since the last log line of this epoch
+    epoch_sums: list[float]  # (loss, mse, kl) summed over this epoch's steps so far
+    epoch_count: int  # steps of this epoch so far
+    last_epoch: list[float]  # (loss, mse, kl) means of the last finished epoch
+
+    @classmethod
+    def start(cls) -> Position:
+        return cls(0, [], [0.0, 0.0, 0.0], 0, [0.0, 0.0, 0.0])
+
+    @classmethod
+    def from_meta(cls, saved: list) -> Position:
+        """From a checkpoint's ``position`` (checkpoints before ``last_epoch`` lack it)."""
+        return cls(*saved) if len(saved) == len(cls._fields) else cls(*saved, [0.0, 0.0, 0.0])
+
+
+class Chunk(NamedTuple):
+    """Steps ``start .. start + length - 1`` of epoch ``epoch``, run as one program."""
+
+    epoch: int
+    start: int
+    length: int
+
+
+def chunks(step: int, plan: Plan) -> Iterator[Chunk]:
+    """The chunks from global ``step`` to the end: each ends at a log line, a checkpoint, an epoch's end or the run's end."""
+    while step < plan.total:
+        epoch, within = divmod(step, plan.steps_per_epoch)
+        end = min(plan.steps_per_epoch, plan.total - epoch * plan.steps_per_epoch)
+        stop = min(end, (within // plan.log_every + 1) * plan.log_every)
+        if plan.ckpt_every:
+            stop = min(stop, (step // plan.ckpt_every + 1) * plan.ckpt_every - epoch * plan.steps_per_epoch)
+        yield Chunk(epoch, within, stop - within)
+        step += stop - within
+
+
+def epoch_of(step: int, steps_per_epoch: int) -> int:
+    """The epoch of the last step taken by ``step`` steps (the epoch the log lines named)."""
+    return max(step - 1, 0) // steps_per_epoch
+
+
+def advance(pos: Position, metrics: np.ndarray, plan: Plan) -> tuple[Position, dict[str, Any] | None]:
+    """The position after a chunk's per-step ``metrics`` (length, 3), and its log row if one is due.
+
+    A chunk never crosses a log line or an epoch's end (see :func:`chunks`). As in the
+    tutorial, a log window cut short by the end of an epoch is not logged.
+    """
+    step = pos.step + len(metrics)
+    epoch = epoch_of(step, plan.steps_per_epoch)
+    here = step - epoch * plan.steps_per_epoch
+    window = pos.window + np.asarray(metrics, np.float64).tolist()
+    sums = (np.asarray(pos.epoch_sums) + np.sum(metrics, axis=0)).tolist()
+    pos = Position(step, window, sums, pos.epoch_count + len(metrics), pos.last_epoch)
+    row = None
+    if here % plan.log_every == 0:
+        loss, mse, kl = np.mean(window, axis=0).tolist()
+        row = {"epoch": epoch, "step": here, "global_step": step, "loss": loss, "mse": mse, "kl": kl}
+        pos = pos._replace(window=[])
+    if here == plan.steps_per_epoch:
+        means = (np.asarray(sums) / pos.epoch_count).tolist()
+        pos = Position(step, [], [0.0, 0.0, 0.0], 0, means)
+    return pos, row
+
+
+def epoch_means(pos: Position) -> list[float]:
+    """(loss, mse, kl) means of the run's final epoch: the one under way, else the last finished."""
+    return (np.asarray(pos.epoch_sums) / pos.epoch_count).tolist() if pos.epoch_count else list(pos.last_epoch)
+
+
+# --- settings ---------------------------------------------------------------------------
+
+# Settings that change what the saved state or position means: a resume that changes one is refused.
+FIXED = {
+    "model": "the saved params have the run's model sizes",
+    "optim.optimizer": "the saved optimiser state belongs to the run's optimiser",
+    "optim.grad_accum": "the saved accumulator and step count belong to it",
+    "optim.clip_norm": "the saved optimiser state was built with it",
+    "optim.ema": "the saved optimiser state holds its average",
+    "optim.freeze": "the saved optimiser state masks those params",
+    "batch_size": "the saved position counts batches of this size",
+    "seed": "the data order and every key derive from it",
+    "data": "the saved position indexes into that data",
+}
+FLAGS = {"native_init": "--init", "fuse": "--no-fuse", "data": "--data"}
+
+
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'optim': {'lr': 1e-4}}`` -> ``{'optim.lr': 1e-4}``; tuples become lists, as JSON stores them."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def settings_of(config: Any, backend: str, data: str) -> dict[str, Any]:
+    """A run's full settings as recorded in each checkpoint: the config, the backend, the data's sha256."""
+    return flatten({**dataclasses.asdict(config), "backend": backend, "data": data})
+
+
+def flag_of(name: str) -> str:
+    return FLAGS.get(name, "--" + name.rsplit(".", 1)[-1].replace("_", "-"))
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value)[:16] if isinstance(value, str) and len(value) == 64 else str(value)  # a sha256: its head
+
+
+def compare_settings(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(refused, notes)``: one line for each setting of ``now`` that differs from ``saved``.
+
+    A change in a :data:`FIXED` setting is refused; any other (the learning rate, the kl
+    weight, the schedule, the length of the run, the backend, logging) is noted and applies
+    from the resumed step on.
+    """
+    refused, notes = [], []
+    for name in sorted(set(saved) | set(now)):
+        old, new = saved.get(name), now.get(name)
+        if old == new or name not in saved:
+            continue
+        group = next((g for g in FIXED if name == g or name.startswith(g + ".")), None)
+        flag = flag_of(name)
+        if group:
+            refused.append(
+                f"--resume: {flag} {_show(new)} differs from the run's {_show(old)} ({FIXED[group]}); "
+                f"resume with {flag} {_show(old)}, or start a new run in another --out"
+            )
+        else:
+            notes.append(f"{flag} is {_show(new)} from here on (the run had {_show(old)})")
+    return refused, notes
+
+
+# --- the log -----------------------------------------------------------------------------
+
+
+def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The rows of ``metrics.jsonl`` and how many lines could not be read (a write cut short)."""
+    if not path.exists():
+        return [], 0
+    rows, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
+def rows_up_to(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    """The rows a resume at ``step`` keeps: those logged by then (the final row is written again)."""
+    return [row for row in rows if "global_step" in row and row["global_step"] <= step]
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+# --- the folder -----------------------------------------------------------------------------
+
+
+def check(out: Path, *, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse, before any work, an ``out`` that cannot take this run; changes nothing.
+
+    Raises:
+        RunError: ``out`` is a file, holds a run (without ``overwrite``/``resume``), holds no
+            checkpoints (with ``resume``), or cannot be written;
+        RunLocked: another run holds it.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} exists and is not a directory")
+    if out.is_dir():
+        with _locked(out):  # a live run's folder is refused first, whatever else it holds
+            pass
+    _check_contents(out, overwrite, resume)
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise RunError(f"--out {out} is not writable ({parent} is not a writable folder)")
+
+
+def _check_contents(out: Path, overwrite: bool, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} exists and is not a directory")
+    if resume and overwrite:
+        raise RunError("--resume continues the run in --out and --overwrite replaces it: choose one")
+    if resume and not (out / "checkpoints").is_dir():
+        raise RunError(f"--resume: {out} holds no checkpoints to resume from")
+    existing = [name for name in RUN_FILES if (out / name).exists()] if not resume else []
+    if existing and not overwrite:
+        raise RunError(f"--out {out} already holds a run ({', '.join(existing)}); pass --overwrite, --resume, or choose another --out")
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``out/.lock``; the kernel drops it when the process dies, so a kill leaves no stale lock."""
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise RunError(f"--out {out} is not writable: {err.strerror or err}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunLocked(
+                f"--out {out} is in use by another run (pid {holder}); wait for it to end, or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+class StopFlag:
+    """Records SIGINT/SIGTERM so the loop can save and stop between chunks (restores the old handlers)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._set)
+            except ValueError:  # not the main thread: no handlers, the run cannot be interrupted cleanly
+                pass
+        return self
+
+    def _set(self, signum, frame):
+        del frame
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _writing(what: str, step: int, out: Path) -> Iterator[None]:
+    """Turn an I/O failure into one :class:`SaveError` that names the step and the folder."""
+    try:
+        yield
+    except (RunError, SaveError):
+        raise
+    except Exception as err:  # orbax and tensorstore report a full disk in several error types
+        reason = os.strerror(errno.ENOSPC) if "RESOURCE_EXHAUSTED" in str(err) else (getattr(err, "strerror", None) or str(err))
+        raise SaveError(f"could not write {what} at step {step} in {out}: {reason.splitlines()[0][:200]}") from err
+
+
+class RunFolder:
+    """An open run folder: the lock, ``metrics.jsonl``, the orbax manager, the progress bar and signals.
+
+    Use as a context manager; :meth:`start` gives the state to train from, :meth:`record`
+    each chunk, :meth:`save` checkpoints, :meth:`finish` the final row.
+    """
+
+    def __init__(self, out: str | Path, settings: dict[str, Any], plan: Plan, *, resume: bool = False,
+                 overwrite: bool = False, keep: int | None = None, keep_best: bool = False,
+                 progress: bool | None = None, log: Callable[[str], None] = print):
+        self.out, self.ckpt_dir = Path(out), Path(out) / "checkpoints"
+        self.settings, self.plan, self.resume, self.overwrite = settings, plan, resume, overwrite
+        self.keep, self.keep_best, self.progress, self.log = keep, keep_best, progress, log
+        self.rows: list[dict[str, Any]] = []
+        self.pending: int | None = None  # a save orbax may still be writing
+        self.saved: int | None = None  # the newest committed step of this run
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> RunFolder:
+        _check_contents(self.out, self.overwrite, self.resume)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunError(f"--out {self.out} is not writable: {err.strerror or err}") from None
+        self._stack.enter_context(_locked(self.out))
+        _check_contents(self.out, self.overwrite, self.resume)  # again, now that no other run can change it
+        if self.overwrite and not self.resume:
+            for name in RUN_FILES:
+                path = self.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.stop = self._stack.enter_context(StopFlag())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    # -- resume
+
+    def start(self, like: Any, to_functional: Callable, from_functional: Callable) -> tuple[Any, Position]:
+        """The state to train from (``like`` itself, or the latest good checkpoint restored into its form) and its position."""
+        position, state, notes = Position.start(), like, []
+        if self.resume:
+            functional, meta, notes = self._resume_point(to_functional(like))
+            state, position = from_functional(functional, like), Position.from_meta(meta["position"])
+            self._check_length(position.step)
+            self.saved = position.step
+        rows, bad = read_log(self.out / "metrics.jsonl")
+        self.rows = rows_up_to(rows, position.step)
+        if notes:
+            self.rows.append({"event": "resume", "global_step": position.step, "changed": notes})
+        if bad:
+            self.log(f"metrics.jsonl: dropped {bad} line(s) cut short by the stop; they are written again")
+        with _writing("metrics.jsonl", position.step, self.out):
+            _write_rows(self.out / "metrics.jsonl", self.rows)
+            self._file = self._stack.enter_context(open(self.out / "metrics.jsonl", "a"))
+            self._manager = self._stack.enter_context(checkpoint.manager(self.ckpt_dir, keep=self.keep, keep_best=self.keep_best))
+        self._stack.callback(self._settle)  # registered after the manager: runs before it closes
+        disable = None if self.progress is None else not self.progress
+        self.bar = self._stack.enter_context(
+            tqdm(total=self.plan.total, initial=position.step, disable=disable, unit="step", dynamic_ncols=True)
+        )
+        if self.resume:
+            self.log(f"resuming from step {position.step} of {self.plan.total}")
+        return state, position
+
+    def _resume_point(self, like: Any) -> tuple[Any, dict[str, Any], list[str]]:
+        """The newest checkpoint that restores; one whose files cannot be read is set aside (renamed, never deleted).
+
+        Raises:
+            ResumeError: the checkpoint is sound but the settings differ, or none restores.
+            checkpoint.ShapeMismatch: the checkpoint is sound but for another model or optimiser.
+        """
+        for step in checkpoint.stray_steps(self.ckpt_dir):
+            self._set_aside(step, "it holds no orbax checkpoint")
+        for step in reversed(checkpoint.all_steps(self.ckpt_dir)):
+            try:
+                meta = checkpoint.read_meta(self.ckpt_dir, step)
+                if not meta.get("position"):
+                    raise ResumeError(f"checkpoint step {step} records no run position: it was not written by a pureflax run")
+                notes = self._check_settings(meta.get("settings"), step)
+                checkpoint.check_compatible(self.ckpt_dir, step, like)
+                functional, meta = checkpoint.restore_with_meta(self.ckpt_dir, like, step)
+            except (RunError, checkpoint.ShapeMismatch):
+                raise  # a sound checkpoint of another configuration: never set aside
+            except Exception as err:  # unreadable files surface as many error types
+                self._set_aside(step, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
+                continue
+            return functional, meta, notes
+        raise ResumeError(f"--resume: no checkpoint in {self.ckpt_dir} could be restored")
+
+    def _set_aside(self, step: int, why: str) -> None:
+        moved = checkpoint.set_aside(self.ckpt_dir, step)
+        self.log(f"checkpoint step {step} is damaged ({why}); set aside as {moved.name}")
+
+    def _check_settings(self, saved: dict[str, Any] | None, step: int) -> list[str]:
+        """Refuse a change that alters what step ``step`` means; log (and return) the accepted ones."""
+        if saved is None:
+            self.log(f"checkpoint step {step} records no settings (an older pureflax); they are not checked")
+            return []
+        refused, notes = compare_settings(saved, self.settings)
+        if refused:
+            raise ResumeError(refused[0])
+        for note in notes:
+            self.log(f"resume: {note}")
+        return notes
+
+    def _check_length(self, step: int) -> None:
+        if step > self.plan.total:
+            raise ResumeError(
+                f"--resume: the run in {self.out} has taken {step} steps, more than the {self.plan.total} these flags ask for; "
+                "pass a larger --epochs or --max-steps"
+            )
+        rows, _ = read_log(self.out / "metrics.jsonl")
+        finals = [row for row in rows if "test_loss" in row and row.get("steps") == step]
+        if step == self.plan.total and finals:
+            raise ResumeError(
+                f"--resume: the run in {self.out} is complete ({step} steps, test loss {finals[-1]['test_loss']:.4f}); "
+                "pass a larger --epochs or --max-steps to train further"
+            )
+
+    # -- each chunk
+
+    def record(self, pos: Position, metrics: np.ndarray) -> Position:
+        """Advance ``pos`` by a chunk's metrics; write its log row (file, terminal, bar)."""
+        pos, row = advance(pos, metrics, self.plan)
+        if row is not None:
+            self.emit(row)
+            self.bar.write(report.format_line(row["epoch"], row["step"], row["loss"], row["mse"], row["kl"]))
+        self.bar.update(len(metrics))
+        return pos
+
+    def emit(self, row: dict[str, Any]) -> None:
+        with _writing("metrics.jsonl", row.get("global_step", row.get("steps", 0)), self.out):
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()  # a crash keeps every line already logged
+        self.rows.append(row)
+
+    def save(self, state: Any, pos: Position, test_loss: float | None = None) -> int:
+        """Start saving the functional ``state`` at ``pos``; orbax writes it in the background.
+
+        orbax copies the arrays to the host before this returns, so the next chunk may donate
+        the state's buffers meanwhile.
+        """
+        self.wait()
+        meta = {"position": list(pos), "epoch": epoch_of(pos.step, self.plan.steps_per_epoch), "test_loss": test_loss,
+                "backend": self.settings.get("backend"), "seed": self.settings.get("seed"), "settings": self.settings}
+        with _writing("checkpoint", pos.step, self.ckpt_dir):
+            self.pending = checkpoint.save_with(self._manager, state, meta, test_loss)
+        return self.pending
+
+    def wait(self) -> None:
+        """Return once the pending save has committed; raise :class:`SaveError` at once if it failed."""
+        if self.pending is None:
+            return
+        step, self.pending = self.pending, None
+        with _writing("checkpoint", step, self.ckpt_dir):
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        self.saved = step
+
+    def _settle(self) -> None:
+        """On any exit: let a save already under way commit, and keep its failure from hiding the first error."""
+        try:
+            self.wait()
+        except SaveError as err:
+            self.log(f"train.py: {err}")
+
+    @property
+    def stop_signal(self) -> int | None:
+        return self.stop.signum
+
+    def writing(self, what: str, step: int) -> contextlib.AbstractContextManager[None]:
+        """A block whose I/O failure becomes a :class:`SaveError` naming ``what``, the step and the folder."""
+        return _writing(what, step, self.out)
+
+    def logged(self) -> list[dict[str, Any]]:
+        """The log rows of the run so far (no events, no final row)."""
+        return [row for row in self.rows if "loss" in row and "step" in row]
+
+    def finish(self, final: dict[str, Any]) -> None:
+        """Write the final row: the run is complete."""
+        self.emit(final)
