@@ -96,8 +96,8 @@ def test_fit_is_deterministic_and_learns(tmp_path):
 
 
 def test_max_steps_stops_early(tiny_data, tmp_path):
-    result = run_script("--data", tiny_data, "--out", tmp_path / "o", "--max-steps", "5", "--batch-size", "8", "--log-every", "5")
-    assert result.returncode == 0, result.stderr
+    assert load_script().main(["--data", str(tiny_data), "--out", str(tmp_path / "o"), "--max-steps", "5", "--batch-size", "8",
+                               "--log-every", "5"]) == 0
     final = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["steps"] == 5
     assert final["final_epoch"] == 0  # 5 steps of a 12-step epoch: the first epoch, not the next
@@ -139,19 +139,36 @@ def test_bad_flags_from_the_command_line_print_no_traceback(tmp_path, args):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
 
 
-def test_out_holding_a_run_is_refused_unless_overwrite(smoke_run, tiny_data):
+def main_exit(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(list(map(str, args)))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_out_holding_a_run_is_refused_unless_overwrite(smoke_run, tiny_data, capsys):
     _, out = smoke_run
     before = (out / "metrics.jsonl").read_text()
-    result = run_script("--data", tiny_data, "--out", out, "--max-steps", "2", "--batch-size", "8")
-    assert result.returncode == 2 and "already holds a run" in result.stderr and "--overwrite" in result.stderr
+    code, err = main_exit(capsys, "--data", tiny_data, "--out", out, "--max-steps", "2", "--batch-size", "8")
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
     assert (out / "metrics.jsonl").read_text() == before
 
 
-def test_unwritable_out_is_refused_before_training(tmp_path, tiny_data):
+def test_overwrite_replaces_the_run_and_nothing_else(tiny_data, tmp_path):
+    out = tmp_path / "o"
+    args = ["--data", str(tiny_data), "--out", str(out), "--max-steps", "4", "--batch-size", "8", "--log-every", "2"]
+    assert load_script().main(args) == 0
+    (out / "notes.txt").write_text("mine")
+    assert load_script().main([*args[:-4], "--max-steps", "2", "--batch-size", "8", "--log-every", "2", "--overwrite"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["steps"] == 2 and len(rows) == 2 and checkpoint.all_steps(out / "checkpoints") == [2]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path, tiny_data, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = run_script("--data", tiny_data, "--out", blocker / "sub", "--max-steps", "2", "--batch-size", "8")
-    assert result.returncode == 2 and "--out" in result.stderr and "Traceback" not in result.stderr
+    code, err = main_exit(capsys, "--data", tiny_data, "--out", blocker / "sub", "--max-steps", "2", "--batch-size", "8")
+    assert code == 2 and "--out" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("backend", ["functional", "equinox", "flax"])

@@ -12,9 +12,12 @@ same keys, so they compute the same losses.
 dataset are replicated, each batch is sharded along its first axis, and XLA partitions
 the same step code.
 
+Where chunks end (log lines, checkpoints, epochs) is the run folder's arithmetic:
+:func:`pureflax.rundir.chunks`.
+
 Example:
-    >>> chunks(250, log_every=100)
-    [(0, 100), (100, 100), (200, 50)]
+    >>> epoch_order(jax.random.PRNGKey(0), 10, 3).shape  # 3 batches of 3; the tenth example waits for the next epoch
+    (3, 3)
 """
 
 from __future__ import annotations
@@ -75,12 +78,6 @@ def epoch_order(key: jax.Array, num_train: int, batch_size: int) -> jax.Array:
     """The epoch's shuffled example indices as (steps, batch_size); the remainder is dropped."""
     steps = num_train // batch_size
     return jax.random.permutation(key, num_train)[: steps * batch_size].reshape(steps, batch_size)
-
-
-def chunks(steps: int, log_every: int) -> list[tuple[int, int]]:
-    """Split an epoch's ``steps`` into ``(start, length)`` chunks ending at every log line."""
-    bounds = list(range(0, steps, log_every)) + [steps]
-    return [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _gather(data: Batch, order: jax.Array, i: jax.Array, placement: Placement) -> Batch:

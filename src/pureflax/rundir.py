@@ -14,7 +14,7 @@ The arithmetic of a run's progress is pure and lives here too: :class:`Position`
 Example:
     >>> plan = Plan(steps_per_epoch=5, total=12, log_every=2, ckpt_every=4)
     >>> [(c.epoch, c.start, c.length) for c in chunks(0, plan)][:4]
-    [(0, 0, 2), (0, 2, 2), (0, 4, 1), (1, 0, 1)]
+    [(0, 0, 2), (0, 2, 2), (0, 4, 1), (1, 0, 2)]
     >>> pos, row = advance(Position.start(), np.ones((2, 3)), plan)
     >>> pos.step, row["global_step"], row["loss"]
     (2, 2, 1.0)
