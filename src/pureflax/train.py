@@ -8,7 +8,14 @@ log line every 100 steps) and writes into ``out``: ``metrics.jsonl``, ``samples.
 (:mod:`pureflax.rundir`), which owns everything written into ``out``: the lock, the log,
 the checkpoints with the run's settings and position, resume, signals. The data order and
 every key derive from the seed and the step, so a resumed run ends where the uninterrupted
-one ends. A non-finite loss stops the run before anything non-finite is saved.
+one ends.
+
+What ``fit`` raises: :class:`NonFiniteLoss` when the loss goes NaN/Inf (nothing non-finite is
+saved, the last good checkpoint stays); :class:`pureflax.rundir.Interrupted` after SIGINT/SIGTERM
+(a checkpoint was saved first); :class:`pureflax.rundir.RunError` when ``out`` is in use, holds
+another run, or cannot be resumed with these settings; :class:`pureflax.rundir.SaveError` when a
+checkpoint, the log or a picture cannot be written (disk full); and
+:class:`pureflax.checkpoint.ShapeMismatch` when resuming into another model or optimiser.
 """
 
 from __future__ import annotations
@@ -204,40 +211,26 @@ def fit(
     log: Callable[[str], None] = print,
     hook: Callable[[str, int], None] = _no_hook,
 ) -> RunResult:
-    """Train the VAE in ``backend``'s form and write the run's files into the run folder ``out``.
+    """Train the VAE in ``backend``'s form (functional by default) and write the run into the folder ``out``.
 
-    Args:
-        config: settings.
-        mnist: the data (host arrays); moved to the device once.
-        out: the run folder (created; see :class:`pureflax.rundir.RunFolder`).
-        backend: the model form; functional by default (``pureflax.compat.backends``
-            has the Equinox and Flax ones).
-        progress: show a progress bar; ``None`` shows it on a terminal only.
-        resume: continue from the latest good checkpoint in ``out/checkpoints``; a run whose
-            steps are all taken but whose final row is missing is finished.
-        overwrite: replace a previous run in ``out``.
-        log: receives one-line messages (damaged checkpoints, resuming, changed settings).
-        hook: called as ``hook("chunk", step)`` after each chunk is recorded and
-            ``hook("final", step)`` once the final checkpoint has committed.
+    ``progress=None`` shows a bar on a terminal only; ``resume`` continues from the latest good
+    checkpoint (or only finishes a run whose steps are all taken); ``log`` receives one-line
+    messages; ``hook(event, step)`` is called with ``"chunk"`` after each chunk is recorded and
+    ``"final"`` once the final checkpoint has committed.
 
     Raises:
-        NonFiniteLoss: the loss went NaN/Inf; the last good checkpoint is left as it was.
-        rundir.Interrupted: SIGINT/SIGTERM; a checkpoint was saved first.
-        rundir.RunError: ``out`` is in use, holds another run, or ``resume`` cannot continue it.
-        rundir.SaveError: a checkpoint, the log or a picture could not be written.
-        checkpoint.ShapeMismatch: ``resume`` into another model or optimiser; nothing is written.
+        NonFiniteLoss, rundir.Interrupted, rundir.RunError, rundir.SaveError, checkpoint.ShapeMismatch: see above.
     """
     start, keys = time.perf_counter(), make_keys(config.seed)
     placement = loop.make_placement(config.devices, config.batch_size)
     train, test = to_device(mnist.train, placement), to_device(mnist.test, placement)
-    plan, backend = config.plan(int(train.labels.shape[0])), backend or functional_backend(config.model)
+    num_train = int(train.labels.shape[0])
+    plan, backend = config.plan(num_train), backend or functional_backend(config.model)
     state, _, loss_fn, train_step = build(config, backend, plan.total, keys.model)
-    eval_step = step_lib.make_eval_step(loss_fn)
-    evaluate = functools.partial(report.evaluate, eval_step, data=test, key=keys.eval, batch_size=config.eval_batch_size)
+    evaluate = functools.partial(report.evaluate, step_lib.make_eval_step(loss_fn), data=test, key=keys.eval,
+                                 batch_size=config.eval_batch_size)
     settings = rundir.settings_of(config, backend.name, data_lib.fingerprint(mnist))
-    order = functools.lru_cache(maxsize=1)(
-        lambda epoch: loop.epoch_order(jax.random.fold_in(keys.data, epoch), int(train.labels.shape[0]), config.batch_size)
-    )
+    order = functools.lru_cache(maxsize=1)(lambda e: loop.epoch_order(jax.random.fold_in(keys.data, e), num_train, config.batch_size))
     with rundir.RunFolder(out, settings, plan, resume=resume, overwrite=overwrite, keep=config.keep,
                           keep_best=config.keep_best, progress=progress, log=log) as folder:
         state, pos = folder.start(state, backend.to_functional, backend.from_functional)
