@@ -11,11 +11,23 @@ from pureflax import TrainState, checkpoint, optim, vae
 CONFIG = vae.VAEConfig(encoder_dimensions=(8,), decoder_dimensions=(8, 12), latent_dim=2, num_classes=3, input_dim=12)
 
 
+# The values do not matter to a round trip, only the tree: vae.init's paths, shapes and
+# dtypes (eval_shape: nothing compiled) filled with numpy draws. Eagerly, the init kernels
+# and every optimiser op would compile once per leaf shape, ~100 XLA compiles (seconds).
+PARAMS = jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), CONFIG))
+
+
+def draw(seed):
+    """A tree like the params, numpy draws from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), PARAMS)
+
+
 def trained_state(tx, steps=3):
-    state = TrainState.create(vae.init(jax.random.PRNGKey(0), CONFIG), tx)
+    state = jax.jit(lambda params: TrainState.create(params, tx))(draw(0))
+    update = jax.jit(lambda state, grads: state.apply_gradients(grads=grads, tx=tx))
     for i in range(steps):
-        grads = jax.tree_util.tree_map(lambda p: jax.random.normal(jax.random.PRNGKey(i), p.shape), state.params)
-        state = state.apply_gradients(grads=grads, tx=tx)
+        state = update(state, draw(100 + i))
     return state
 
 
@@ -25,12 +37,12 @@ def trained_state(tx, steps=3):
     ids=["adamw", "adam-ema-clip-multisteps"],
 )
 def test_save_restore_is_bitwise(tmp_path, config):
-    params = vae.init(jax.random.PRNGKey(0), CONFIG)
+    params = draw(0)
     tx = optim.make_optimizer(config, 100, params)
     state = trained_state(tx)
     assert checkpoint.save(tmp_path, state) == 3
     assert (tmp_path / "3" / "commit_success.txt").exists()
-    target = TrainState.create(vae.init(jax.random.PRNGKey(1), CONFIG), tx)
+    target = jax.jit(lambda params: TrainState.create(params, tx))(draw(1))
     restored = checkpoint.restore(tmp_path, target)
     assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
     for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):

@@ -10,15 +10,23 @@ import jax
 import numpy as np
 import pytest
 
-from pureflax import loop, train
+from pureflax import loop, rundir, train, vae
+from tiny import tiny_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A small model: whether the fused scan and the per-step loop agree does not depend on the
+# model's size, and compiling the full-size one (twice per backend) took most of the time.
+SMALL = vae.VAEConfig(encoder_dimensions=(32, 16), decoder_dimensions=(16, 784), latent_dim=4)
+
 
 def test_chunks_end_at_every_log_line():
-    assert loop.chunks(250, 100) == [(0, 100), (100, 100), (200, 50)]
-    assert loop.chunks(100, 100) == [(0, 100)]
-    assert loop.chunks(7, 3) == [(0, 3), (3, 3), (6, 1)]
+    def chunks(total, log_every):  # one epoch of ``total`` steps: (start, length) of each chunk
+        return [(c.start, c.length) for c in rundir.chunks(0, rundir.Plan(total, total, log_every, None))]
+
+    assert chunks(250, 100) == [(0, 100), (100, 100), (200, 50)]
+    assert chunks(100, 100) == [(0, 100)]
+    assert chunks(7, 3) == [(0, 3), (3, 3), (6, 1)]
 
 
 def test_epoch_order_is_a_permutation_without_the_remainder():
@@ -30,12 +38,11 @@ def test_epoch_order_is_a_permutation_without_the_remainder():
 @pytest.mark.parametrize("backend", ["functional", "equinox"])
 def test_fused_and_per_step_give_the_same_losses_and_state(tmp_path, backend):
     from pureflax.compat.backends import get_backend
-    from test_train import tiny_mnist
 
     data = tiny_mnist(n_train=96, n_test=16)
     results = {}
     for fuse in (True, False):
-        config = train.TrainConfig(epochs=2, batch_size=8, log_every=4, fuse=fuse)
+        config = train.TrainConfig(epochs=2, batch_size=8, log_every=4, fuse=fuse, model=SMALL)
         out = tmp_path / f"fuse-{fuse}"
         out.mkdir()
         results[fuse] = train.fit(config, data, out, backend=get_backend(backend, config.model), progress=False)
@@ -53,29 +60,49 @@ def test_too_many_devices_is_refused_with_the_fix():
         loop.make_placement(64)
 
 
-def test_a_batch_that_does_not_split_is_refused():
+def test_a_batch_that_does_not_split_is_refused(monkeypatch):
+    # As if there were 4 devices (this process has 1): the split is checked before any is used.
+    monkeypatch.setattr(jax, "devices", lambda *args, **kwargs: [jax.local_devices()[0]] * 4)
     with pytest.raises(ValueError, match="--batch-size 10 does not split evenly over --devices 4"):
-        train.TrainConfig(batch_size=10, devices=4)
+        loop.make_placement(4, batch_size=10)
+
+
+# Both runs in one process that has 4 forced CPU devices (the flag is per process, hence a
+# subprocess): the 1-device run places everything on the first device alone, as in a
+# 1-device process, and the process starts (imports, shared compiles) once, not twice.
+TWO_RUNS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from tiny import load_script
+
+main = load_script("train").main
+for devices in (1, 4):
+    print(f"=== --devices {devices}", flush=True)
+    code = main(["--data", sys.argv[2], "--out", f"{sys.argv[3]}/d{devices}", "--epochs", "2",
+                 "--batch-size", "16", "--log-every", "4", "--devices", str(devices)])
+    sys.stdout.flush()
+    if code:
+        sys.exit(code)
+"""
 
 
 def test_four_devices_match_one_device(tmp_path):
-    """scripts/train.py on 4 forced CPU devices logs the same losses as on 1 (subprocesses: the flag is per process)."""
+    """scripts/train.py on 4 forced CPU devices logs the same losses as on 1."""
     from pureflax.data import save_mnist
-    from test_train import tiny_mnist
 
     save_mnist(tiny_mnist(n_train=128, n_test=16), tmp_path / "data")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run(
+        [sys.executable, "-c", TWO_RUNS, str(Path(__file__).resolve().parent), str(tmp_path / "data"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, one, four = result.stdout.split("=== --devices ")
     logs = {}
-    for devices in (1, 4):
-        out = tmp_path / f"d{devices}"
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "train.py"), "--data", str(tmp_path / "data"), "--out", str(out),
-             "--epochs", "2", "--batch-size", "16", "--log-every", "4", "--devices", str(devices)],
-            capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert ("4 devices, data parallel" in result.stdout) == (devices == 4)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for devices, stdout in ((1, one), (4, four)):
+        assert stdout.startswith(f"{devices}\n")
+        assert ("4 devices, data parallel" in stdout) == (devices == 4)
+        rows = [json.loads(line) for line in (tmp_path / f"d{devices}" / "metrics.jsonl").read_text().splitlines()]
         logs[devices] = np.array([[r["loss"], r["mse"], r["kl"]] for r in rows if "step" in r and "loss" in r])
     assert logs[1].shape == logs[4].shape == (4, 3)
     np.testing.assert_allclose(logs[4], logs[1], rtol=1e-5)

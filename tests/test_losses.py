@@ -116,34 +116,30 @@ def test_reconstruction_hand_value():
     assert float(losses.reconstruction(recon, x)) == 5.25
 
 
-# The jaxtyping import hook (pyproject addopts) checks shapes at call time.
-requires_hook = pytest.mark.skipif(
-    not hasattr(losses.vae_loss, "__wrapped__"), reason="jaxtyping import hook not active"
-)
+# The shape checks (pureflax.losses' jaxtyping annotations, checked by beartype at call time)
+# always run: these tests fail, never skip, if the checks are ever lost. Unchecked, a
+# mismatch would surface as jax's own ValueError / TypeError (not jaxtyping.TypeCheckError)
+# or not at all (a wrong-rank kl_weight just broadcasts).
 
 
-@requires_hook
 def test_vae_loss_rejects_1d_recon():
     z = jnp.zeros((2, 3))
     with pytest.raises(jaxtyping.TypeCheckError, match="recon"):
         losses.vae_loss(jnp.ones(4), jnp.zeros(4), z, z)
 
 
-@requires_hook
 def test_vae_loss_rejects_mismatched_features():
     z = jnp.zeros((2, 3))
     with pytest.raises(jaxtyping.TypeCheckError, match="'x'"):
         losses.vae_loss(jnp.ones((2, 4)), jnp.zeros((2, 5)), z, z)
 
 
-@requires_hook
 def test_vae_loss_rejects_mismatched_batch():
     z = jnp.zeros((3, 3))
     with pytest.raises(jaxtyping.TypeCheckError, match="mean"):
         losses.vae_loss(jnp.ones((2, 4)), jnp.zeros((2, 4)), z, z)
 
 
-@requires_hook
 def test_vae_loss_rejects_image_shaped_input():
     # The tutorial reduces over range(1, ndim); pureflax takes flattened (batch, features) only.
     z = jnp.zeros((2, 3))
@@ -151,7 +147,6 @@ def test_vae_loss_rejects_image_shaped_input():
         losses.vae_loss(jnp.ones((2, 4, 4)), jnp.zeros((2, 4, 4)), z, z)
 
 
-@requires_hook
 def test_vae_loss_accepts_int_kl_weight(getkey):
     recon, x, mean, logvar = random_inputs(getkey)
     loss, _ = losses.vae_loss(recon, x, mean, logvar, 1)
@@ -159,3 +154,7 @@ def test_vae_loss_accepts_int_kl_weight(getkey):
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
     traced, _ = jax.jit(lambda w: losses.vae_loss(recon, x, mean, logvar, w))(jnp.float32(1.0))  # an annealed weight
     np.testing.assert_allclose(float(traced), float(want), rtol=1e-6)
+    # ... but the annotation still checks the weight: a non-scalar one is refused by name
+    # (unchecked, it would broadcast the loss to shape (3,) without a word).
+    with pytest.raises(jaxtyping.TypeCheckError, match="kl_weight"):
+        losses.vae_loss(recon, x, mean, logvar, jnp.ones(3))

@@ -409,8 +409,20 @@ def test_config_validation(kwargs, flag):
         {"grad_accum": 1},
     ],
 )
-def test_config_accepts_edge_values(kwargs):
-    OptimConfig(**kwargs)
+def test_config_accepts_edge_values(rng, kwargs):
+    config = OptimConfig(**kwargs)
+    for name, value in kwargs.items():  # kept as given, not clamped or replaced
+        assert getattr(config, name) == value, name
+    # ... and the optimiser it describes works: two updates (a warmup starts at lr 0) are
+    # finite and move every param (lr > 0, nothing frozen).
+    params = small_params(rng)
+    tx = make_optimizer(config, total_steps=10, params=params)
+    final = run(tx, params, [random_like(rng, params) for _ in range(2)])[-1]
+    assert jax.tree_util.tree_structure(final) == jax.tree_util.tree_structure(params)
+    for before, after in zip(leaves(params), leaves(final), strict=True):
+        assert after.shape == before.shape and after.dtype == before.dtype
+        assert np.all(np.isfinite(after))
+        assert np.all(after != before)
 
 
 def test_config_is_frozen_and_defaults_are_tutorials():
