@@ -376,6 +376,26 @@ def test_a_full_disk_stops_at_the_failing_save_with_one_line_and_keeps_earlier_c
     assert_same_run(out, reference())
 
 
+def test_a_save_that_would_not_fit_is_refused_before_writing_a_byte(data, tmp_path, reference, capsys, monkeypatch):
+    """The free space is checked before each save: no half-written step, no orbax or tensorstore tracebacks."""
+    out = tmp_path / "out"
+    real = shutil.disk_usage
+
+    def full_after_two_saves(path):
+        usage = real(path)
+        return usage._replace(free=10**9 if len(committed(out)) < 2 else 1000)
+
+    monkeypatch.setattr(shutil, "disk_usage", full_after_two_saves)
+    code, _, err = cli(capsys, args_for(data, out))
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "checkpoint at step 30" in err and "0.0 MB are free" in err and "latest: step 20" in err, err
+    monkeypatch.undo()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["10", "20"]  # nothing started for step 30
+    code, _, err = cli(capsys, args_for(data, out, "--resume"))
+    assert code == 0, err
+    assert_same_run(out, reference())
+
+
 # issue row 13
 def test_a_non_finite_loss_stops_with_the_step_and_term_and_says_no_checkpoint_exists(data, tmp_path, capsys):
     out = tmp_path / "out"

@@ -84,6 +84,16 @@ def save_with(mgr: ocp.CheckpointManager, state: Any, meta: dict[str, Any] | Non
     return step
 
 
+# orbax's metadata files and the OCDBT manifest beside the arrays: well under 1 MB.
+METADATA_BYTES = 1 << 20
+
+
+def bytes_needed(state: Any) -> int:
+    """About what a checkpoint of ``state`` takes on disk: its arrays' bytes plus orbax's metadata (an upper bound)."""
+    return METADATA_BYTES + sum(np.size(leaf) * np.dtype(getattr(leaf, "dtype", type(leaf))).itemsize
+                                for leaf in jax.tree_util.tree_leaves(state))
+
+
 def save(directory: str | Path, state: Any, *, meta: dict[str, Any] | None = None, keep: int | None = None) -> int:
     """Save ``state`` (anything with ``step``, ``params``, ``opt_state``) at its step and wait for it.
 

@@ -493,6 +493,10 @@ class RunFolder:
         the state's buffers meanwhile.
         """
         self.wait()
+        need, free = checkpoint.bytes_needed(state), shutil.disk_usage(self.ckpt_dir if self.ckpt_dir.exists() else self.out).free
+        if need > free:  # refused before a byte is written: orbax would fail half way, in its own threads
+            raise SaveError(f"could not write checkpoint at step {pos.step} in {self.ckpt_dir}: "
+                            f"it needs about {need / 1e6:.1f} MB and {free / 1e6:.1f} MB are free")
         meta = {"position": list(pos), "epoch": epoch_of(pos.step, self.plan.steps_per_epoch), "test_loss": test_loss,
                 "backend": self.settings.get("backend"), "seed": self.settings.get("seed"), "settings": self.settings}
         with _writing("checkpoint", pos.step, self.ckpt_dir):
