@@ -1,6 +1,6 @@
 """Side-by-side training throughput: the tutorial's loop, each backend per step, each backend fused.
 
-    python scripts/bench.py [--json bench.json] [--steps 800] [--repeats 5]
+    .venv/bin/python scripts/bench.py [--json bench.json] [--steps 800] [--repeats 5]
 
 All in one process, batch 16, the full-size VAE, adamw(1e-4). Throughput is the median of
 ``--repeats`` timed runs after a warm-up, the seven loops taking turns in every repeat;

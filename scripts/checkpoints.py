@@ -1,11 +1,15 @@
 """Inspect and export the checkpoints of a run.
 
-    python scripts/checkpoints.py list   runs/vae            # steps, sizes, the latest and the best
-    python scripts/checkpoints.py show   runs/vae [--step N] # position, metrics and the param tree
-    python scripts/checkpoints.py export runs/vae params.npz [--step N]   # or params.safetensors
+    .venv/bin/python scripts/checkpoints.py list   runs/vae            # steps, sizes, the latest and the best
+    .venv/bin/python scripts/checkpoints.py show   runs/vae [--step N] # position, metrics and the param tree
+    .venv/bin/python scripts/checkpoints.py export runs/vae params.npz [--step N]   # or params.safetensors
+    .venv/bin/python scripts/checkpoints.py convert runs/vae --to equinox vae.eqx [--step N]
 
 DIR is a run folder (``--out`` of train.py) or its ``checkpoints/`` folder. Exported params
-are flat, keyed by their functional path (``encoder/Dense_0/kernel``), float32.
+are flat, keyed by their functional path (``encoder/Dense_0/kernel``), as saved (float32).
+``convert --to FORM FILE`` writes the model in that library's own format (equinox: ``.eqx``
+by ``eqx.tree_serialise_leaves``; flax: ``.msgpack`` by ``flax.serialization.to_bytes``;
+functional: ``.safetensors`` or ``.npz``) and prints the Python that loads it.
 """
 
 from __future__ import annotations
@@ -34,25 +38,6 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def flat_params(tree) -> dict[str, np.ndarray]:
-    from pureflax.optim import path_str
-    import jax
-
-    return {path_str(p): np.asarray(leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def describe_damage(directory: Path, step: int) -> str | None:
-    """Why ``step`` cannot be used (its metadata unreadable), or ``None`` when it reads."""
-    from pureflax import checkpoint
-
-    try:
-        checkpoint.read_meta(directory, step)
-        checkpoint.saved_leaves(directory, step)
-    except checkpoint.CheckpointError as err:
-        return str(err)
-    return None
-
-
 def cmd_list(directory: Path) -> None:
     from pureflax import checkpoint
 
@@ -78,7 +63,9 @@ def cmd_list(directory: Path) -> None:
 
 def readable(directory: Path, step: int, parser) -> None:
     """Exit 2 with one line when ``step`` is damaged."""
-    damage = describe_damage(directory, step)
+    from pureflax import checkpoint
+
+    damage = checkpoint.damage(directory, step)
     if damage:
         parser.error(f"{damage}; pick another --step (see: checkpoints.py list {directory})")
 
@@ -101,25 +88,30 @@ def cmd_show(directory: Path, step: int) -> None:
 def cmd_export(directory: Path, target: Path, step: int) -> None:
     from pureflax import checkpoint
 
-    params = flat_params(checkpoint.restore_raw(directory, step)["params"])
-    if target.suffix == ".npz":
-        np.savez(target, **params)
-    else:
-        from safetensors.numpy import save_file
+    count = checkpoint.write_params(checkpoint.restore_raw(directory, step)["params"], target)
+    print(f"exported {count} arrays of step {step} to {target}")
 
-        save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(target))
-    print(f"exported {len(params)} arrays of step {step} to {target}")
+
+def cmd_convert(directory: Path, form: str, target: Path, step: int) -> None:
+    from pureflax.compat import trained
+
+    step, code = trained.convert_run(directory, form, target, step=step)
+    print(f"wrote step {step} of {directory} as {form} to {target}; load it with:\n")
+    print(code, end="")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="checkpoints.py", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("list", "show", "export"):
+    for name in ("list", "show", "export", "convert"):
         sub = commands.add_parser(name)
         sub.error = parser.error  # one-line errors for subcommands too
         sub.add_argument("dir", type=Path, help="a run folder or its checkpoints/ folder")
         if name == "export":
             sub.add_argument("target", type=Path, help="output file: .npz or .safetensors")
+        if name == "convert":
+            sub.add_argument("--to", required=True, metavar="FORM", help="functional, equinox or flax")
+            sub.add_argument("target", type=Path, help="output file: .eqx (equinox), .msgpack (flax), .safetensors or .npz (functional)")
         if name != "list":
             sub.add_argument("--step", type=int, default=None, help="which step (default: the latest)")
     args = parser.parse_args(argv)
@@ -142,12 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show":
         cmd_show(directory, step)
         return 0
-    if args.target.suffix not in (".npz", ".safetensors"):
+    if args.command == "export" and args.target.suffix not in checkpoint.PARAM_FILES:
         parser.error(f"{args.target}: export writes .npz or .safetensors")
     if not args.target.parent.is_dir():
         parser.error(f"{args.target}: the folder {args.target.parent} does not exist; create it or choose another path")
     try:
-        cmd_export(directory, args.target, step)
+        if args.command == "convert":
+            cmd_convert(directory, args.to, args.target, step)
+        else:
+            cmd_export(directory, args.target, step)
+    except ValueError as err:  # an unknown form, a suffix the form does not write
+        parser.error(str(err))
     except OSError as err:
         parser.error(f"{args.target}: cannot write it ({err.strerror or err})")
     except Exception as err:  # orbax reports unreadable array files in several error types

@@ -1,7 +1,7 @@
 """Measure cross-backend agreement and print it as the markdown table of docs/parity.md.
 
-    python scripts/parity.py            # real MNIST for the training rows (cached or fetched)
-    python scripts/parity.py --synthetic  # MNIST-like synthetic images only, no data needed
+    .venv/bin/python scripts/parity.py            # real MNIST for the training rows (cached or fetched)
+    .venv/bin/python scripts/parity.py --synthetic  # MNIST-like synthetic images only, no data needed
 
 Every figure is the largest over the three pairs (functional-equinox, functional-flax,
 equinox-flax); the per-pair figures are printed below the table.

@@ -1,6 +1,6 @@
 """Train the tutorial's class-conditioned VAE on MNIST.
 
-    python scripts/train.py --backend functional --out runs/vae
+    .venv/bin/python scripts/train.py --backend functional --out runs/vae
 
 Flags parse into ``pureflax.train.TrainConfig``; everything else is the library's.
 A bad flag value exits with status 2 and one line on stderr.
@@ -9,6 +9,8 @@ A bad flag value exits with status 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -125,6 +127,21 @@ def configure(args: argparse.Namespace):
     )
 
 
+def resume_command(argv: list[str]) -> str:
+    """The shell command that continues this run: this interpreter and script, ``argv`` and --resume.
+
+    Paths under the working directory are shown relative to it (``.venv/bin/python`` from the
+    repository root), others in full, so the command runs as printed from where this one ran.
+    """
+
+    def shown(path: str) -> str:
+        path, here = os.path.abspath(path), os.getcwd()
+        return os.path.relpath(path) if os.path.commonpath([path, here]) == here else path
+
+    flags = [a for a in argv if a != "--resume"]
+    return shlex.join([shown(sys.executable), shown(__file__), *flags, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -158,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         train.fit(config, mnist, args.out, backend=get_backend(args.backend, config.model), resume=args.resume,
                   overwrite=args.overwrite)
     except rundir.Interrupted as err:
-        again = " ".join(["python", "scripts/train.py", *[a for a in (argv if argv is not None else sys.argv[1:]) if a != "--resume"], "--resume"])
+        again = resume_command(argv if argv is not None else sys.argv[1:])
         sys.stderr.write(f"train.py: {err}; to continue: {again}\n")
         return 128 + err.signum
     except train.NonFiniteLoss as err:

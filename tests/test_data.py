@@ -22,6 +22,7 @@ import pytest
 
 from pureflax import data
 from pureflax.data import MNIST, DataError, Split, UnsafePickleError
+from tiny import tiny_mnist
 
 N_TRAIN, N_VALID, N_TEST = 30, 10, 20
 
@@ -386,6 +387,19 @@ def test_save_mnist_writes_fingerprint_json(tmp_path, mnist):
     assert record == {"train_rows": 40, "test_rows": 20, "sha256": data.fingerprint(mnist)}
     (tmp_path / "saved" / "fingerprint.json").unlink()  # as a user's own save_to_disk leaves it
     _assert_same(data.load_mnist(data=tmp_path / "saved"), mnist)
+
+
+@pytest.mark.parametrize("bars_before", [True, False], ids=["bars-on", "bars-off"])
+def test_save_mnist_prints_no_progress_bar_and_restores_the_setting(tmp_path, capfd, bars_before):
+    # datasets draws "Saving the dataset (0/1 shards)" on stderr even when it is not a terminal.
+    (datasets.enable_progress_bars if bars_before else datasets.disable_progress_bars)()
+    try:
+        data.save_mnist(tiny_mnist(8, 4), tmp_path / "saved")
+        out, err = capfd.readouterr()
+        assert "Saving the dataset" not in out + err
+        assert datasets.is_progress_bar_enabled() is bars_before
+    finally:
+        datasets.enable_progress_bars()
 
 
 def _arrow(folder, split):

@@ -141,3 +141,20 @@ def test_train_py_loss_logs_agree_within_1e_3_relative(cli_runs):
         assert [r["global_step"] for r in rows if "loss" in r] == list(range(25, 301, 25))
     diffs = parity.log_max_rel_diff(cli_runs)
     assert max(diffs.values()) <= 1e-3, diffs
+
+
+def test_a_300_step_run_of_any_backend_loads_into_every_form_with_the_same_forward_pass(cli_runs):
+    """``pureflax.compat.load(run, form)``: functional and Flax bit for bit, Equinox within float rounding."""
+    from pureflax import step as step_lib
+    from pureflax.compat import load
+    from pureflax.compat.backends import get_backend
+
+    x, c = step_lib.to_inputs(parity.random_batch(jax.random.PRNGKey(1), 16), CONFIG.num_classes)
+    noise = jax.random.PRNGKey(7)
+    for writer, out in cli_runs.items():
+        outputs = {form: get_backend(form, CONFIG).apply(load(out, form), x, c, noise) for form in parity.NAMES}
+        want = outputs["functional"]
+        for a, b in zip(outputs["flax"], want, strict=True):
+            assert (a == b).all(), writer
+        for a, b in zip(outputs["equinox"], want, strict=True):
+            assert float(abs(a - b).max()) <= 1e-5, writer

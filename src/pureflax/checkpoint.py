@@ -239,6 +239,74 @@ def set_aside(directory: str | Path, step: int) -> Path:
     return target
 
 
+def damage(directory: str | Path, step: int) -> str | None:
+    """Why ``step`` cannot be used (its metadata or array index unreadable), or ``None`` when it reads."""
+    try:
+        read_meta(directory, step)
+        saved_leaves(directory, step)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def latest_good_step(directory: str | Path) -> int | None:
+    """The newest committed step whose files read (damaged ones skipped, never touched), or ``None``."""
+    return next((step for step in reversed(all_steps(directory)) if damage(directory, step) is None), None)
+
+
+PARAM_FILES = (".safetensors", ".npz")
+
+
+def write_params(params: Any, path: str | Path) -> int:
+    """Write a params tree to ``.safetensors`` or ``.npz``, flat, keyed by path (``encoder/Dense_0/kernel``).
+
+    Returns the number of arrays written. :func:`read_params` reads it back as the nested tree.
+    """
+    path = Path(path)
+    flat = {path_str(p): np.ascontiguousarray(leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    if path.suffix == ".npz":
+        with path.open("wb") as f:  # np.savez would append .npz to a name without it
+            np.savez(f, **flat)
+    elif path.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file(flat, str(path))
+    else:
+        raise ValueError(f"{path}: params are written as {' or '.join(PARAM_FILES)}")
+    return len(flat)
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """The nested params tree of a file written by :func:`write_params` (or any flat file keyed by ``a/b/c``).
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> f = tempfile.mkdtemp() + '/p.npz'
+        >>> write_params({'dense': {'kernel': np.ones((2, 3), np.float32)}}, f)
+        1
+        >>> read_params(f)['dense']['kernel'].shape
+        (2, 3)
+    """
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            flat = {key: f[key] for key in f.files}
+    elif path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        flat = load_file(str(path))
+    else:
+        raise ValueError(f"{path}: params are read from {' or '.join(PARAM_FILES)}")
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
 def best_step(directory: str | Path) -> int | None:
     """The committed step with the lowest ``test_loss`` in its metadata, or ``None``."""
     scored = [(read_meta(directory, s).get("test_loss"), s) for s in all_steps(directory)]

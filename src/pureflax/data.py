@@ -4,6 +4,7 @@ The first successful load is saved with ``datasets.save_to_disk`` under the cach
 later runs are offline. Every failure the user can cause raises :class:`DataError`.
 """
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -20,7 +21,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
@@ -464,6 +465,24 @@ def _split_dataset(split: Split) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image": images, "label": pa.array(split.labels)}, features=_FEATURES)
 
 
+@contextlib.contextmanager
+def _no_datasets_progress_bars() -> Iterator[None]:
+    """Turn off datasets' own progress bars for the block, then restore the previous setting.
+
+    ``save_to_disk`` draws "Saving the dataset (0/1 shards)" bars on stderr even when stderr is
+    a log file; a run reports its data with one line instead. HF_DATASETS_DISABLE_PROGRESS_BARS=0
+    (the user asked for the bars) is respected.
+    """
+    if datasets.are_progress_bars_disabled() or datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is False:
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def save_mnist(mnist: MNIST, path: str | Path) -> None:
     """Save MNIST as a DatasetDict (Array2D uint8 images, ClassLabel labels).
 
@@ -473,7 +492,8 @@ def save_mnist(mnist: MNIST, path: str | Path) -> None:
     """
     _validated(mnist, "save_mnist")
     dsd = datasets.DatasetDict({"train": _split_dataset(mnist.train), "test": _split_dataset(mnist.test)})
-    dsd.save_to_disk(str(path))
+    with _no_datasets_progress_bars():
+        dsd.save_to_disk(str(path))
     _write_record(mnist, Path(path))
 
 

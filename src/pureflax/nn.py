@@ -123,7 +123,7 @@ def zeros(key: PRNGKeyArray, shape: tuple[int, ...], dtype=jnp.float32) -> Array
     return jnp.zeros(shape, dtype)
 
 
-def _check_last_dim(where: str, x: ArrayLike, kernel: Array, *, what: str = "argument x: input", kernel_name: str = "its kernel") -> None:
+def _check_last_dim(where: str, x: ArrayLike, kernel: ArrayLike, *, what: str = "argument x: input", kernel_name: str = "its kernel") -> None:
     """Raise ``ValueError`` unless ``x``'s last dimension is the kernel's input size.
 
     A Python check on static shapes: under ``jax.jit`` it runs once per trace, not per step.

@@ -23,16 +23,27 @@ def evaluate(eval_step, params, data: step_lib.Batch, key: jax.Array, batch_size
     return step_lib.Metrics(*(total / n))
 
 
+@partial(jax.jit, static_argnames="config")
+def _samples(params, labels: jax.Array, key: jax.Array, config: vae.VAEConfig) -> jax.Array:
+    return vae.sample(params, labels, key, config=config)
+
+
+@partial(jax.jit, static_argnames="config")
+def _reconstruct(params, x: jax.Array, c: jax.Array, config: vae.VAEConfig) -> jax.Array:
+    """The decoded latent mean: the reconstruction without the sampling noise."""
+    mean, _ = vae.encode(params, x, config)
+    return vae.decode(params, mean, c, config)
+
+
 def write_pictures(params, test: step_lib.Batch, model: vae.VAEConfig, key: jax.Array, out: Path, log: list[dict], test_loss: float) -> None:
     """samples.png (row r = class r), reconstructions.png and loss.png."""
     labels = jnp.repeat(jnp.arange(model.num_classes), 10)
-    samples = jax.jit(partial(vae.sample, config=model))(params, labels, key)
+    samples = _samples(params, labels, key, config=model)  # compiled once per model and process
     viz.save_samples(np.asarray(samples), out / "samples.png", model.num_classes)
     n = min(40, (test.labels.shape[0] // 10) * 10)
     if n:
         x, c = step_lib.to_inputs(step_lib.Batch(test.images[:n], test.labels[:n]), model.num_classes)
-        mean, _ = vae.encode(params, x, model)
-        viz.save_reconstructions(np.asarray(x), np.asarray(vae.decode(params, mean, c, model)), out / "reconstructions.png")
+        viz.save_reconstructions(np.asarray(x), np.asarray(_reconstruct(params, x, c, config=model)), out / "reconstructions.png")
     steps = [row["global_step"] for row in log]
     curves = {name: [row[name] for row in log] for name in ("loss", "mse", "kl")}
     viz.save_loss_curve(steps, curves, out / "loss.png", test_loss)

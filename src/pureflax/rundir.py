@@ -498,7 +498,8 @@ class RunFolder:
             raise SaveError(f"could not write checkpoint at step {pos.step} in {self.ckpt_dir}: "
                             f"it needs about {need / 1e6:.1f} MB and {free / 1e6:.1f} MB are free")
         meta = {"position": list(pos), "epoch": epoch_of(pos.step, self.plan.steps_per_epoch), "test_loss": test_loss,
-                "backend": self.settings.get("backend"), "seed": self.settings.get("seed"), "settings": self.settings}
+                "backend": self.settings.get("backend"), "seed": self.settings.get("seed"), "settings": self.settings,
+                "plan": self.plan._asdict()}
         with _writing("checkpoint", pos.step, self.ckpt_dir):
             self.pending = checkpoint.save_with(self._manager, state, meta, test_loss)
         return self.pending

@@ -74,6 +74,21 @@ class TrainConfig:
         if self.devices < 1:
             raise ValueError(f"devices must be >= 1, got {self.devices!r}")  # enough of them, and an even split: loop.make_placement
 
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> TrainConfig:
+        """The config a run recorded in its checkpoints (the inverse of :func:`pureflax.rundir.settings_of`).
+
+        Names this version does not know (``backend``, ``data``, settings of a later version)
+        are ignored; lists, as JSON stores tuples, become tuples again.
+        """
+
+        def of(kind: type, prefix: str) -> Any:
+            names = {field.name for field in dataclasses.fields(kind)} - {"model", "optim"}
+            values = {key[len(prefix):]: value for key, value in settings.items() if key[len(prefix):] in names and key.startswith(prefix)}
+            return kind(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+
+        return dataclasses.replace(of(cls, ""), model=of(vae.VAEConfig, "model."), optim=of(optim.OptimConfig, "optim."))
+
     def steps_per_epoch(self, num_train: int) -> int:
         """Full batches per epoch (the last partial batch is dropped, as the tutorial's loader does)."""
         steps = num_train // self.batch_size
@@ -123,7 +138,8 @@ def enable_compilation_cache(directory: str | Path | None = None) -> Path:
 
     path = Path(directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_cache_dir() / "jax")
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    # programs quicker to compile than this are not worth a file; $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS overrides
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0.2)))
     return path
 
 

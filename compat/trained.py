@@ -1,0 +1,209 @@
+"""A trained run in any form, in one call, and in each library's own file format.
+
+:func:`load` reads a run's checkpoint (any backend wrote it: checkpoints are functional)
+and rebuilds the model from the settings the run recorded, so no sizes are passed:
+
+* ``form="functional"``: the params dict (``{'encoder': {'Dense_0': {'kernel': ...}}, ...}``);
+* ``form="equinox"``: an :class:`pureflax.compat.equinox_models.VAE`;
+* ``form="flax"``: Flax variables ``{'params': ...}`` for :class:`pureflax.compat.flax_models.VAE`.
+
+With ``state=True`` it returns the train state in that form instead, optimiser state included,
+ready to train on: a :class:`pureflax.TrainState` (functional, Equinox) or Flax's own
+``TrainState`` with ``apply_fn`` and ``tx`` rebuilt from the run's settings.
+
+:func:`save_file` writes a model in its library's format (``.eqx`` through
+``eqx.tree_serialise_leaves``, ``.msgpack`` through ``flax.serialization.to_bytes``,
+``.safetensors``/``.npz`` keyed by functional path) and :func:`loader_code` gives the lines of
+Python that read it back with that library's own loader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from pureflax import checkpoint, train, vae
+from pureflax.compat import convert
+from pureflax.compat.backends import BACKENDS, get_backend
+
+# Each form's file format: the suffixes it writes, first the default.
+SUFFIXES = {"functional": checkpoint.PARAM_FILES, "equinox": (".eqx",), "flax": (".msgpack",)}
+# A run folder holds the checkpoints here (scripts/train.py --out).
+CHECKPOINTS = "checkpoints"
+# Checkpoints written before runs recorded their plan: the schedule is rebuilt for MNIST's size.
+MNIST_TRAIN = 60_000
+
+
+class Checkpoint(NamedTuple):
+    """One step of a run, and what the run recorded about itself."""
+
+    directory: Path  # the run's checkpoints/ folder
+    step: int
+    config: train.TrainConfig  # rebuilt from the recorded settings (defaults where none were recorded)
+    total_steps: int  # the run's length, which the optimiser's schedule was built for
+
+
+def checkpoints_of(path: str | Path) -> Path:
+    """The checkpoints folder of a run folder (``--out``), or ``path`` itself when it is one.
+
+    Raises:
+        ValueError: ``path`` does not exist or holds no checkpoint.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such folder (pass a run folder, train.py's --out, or its checkpoints/ folder)")
+    directory = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    if not checkpoint.all_steps(directory):
+        raise ValueError(f"{path}: holds no checkpoint (pass a run folder, train.py's --out, or its checkpoints/ folder)")
+    return directory
+
+
+def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
+    """Find ``step`` (default: the latest whose files read) in a run and rebuild the run's config.
+
+    Raises:
+        ValueError: no such folder, no checkpoint in it, no such step, or the step is damaged.
+    """
+    directory = checkpoints_of(path)
+    steps = checkpoint.all_steps(directory)
+    if step is None:
+        step = checkpoint.latest_good_step(directory)
+        if step is None:
+            raise ValueError(f"{directory}: every checkpoint is damaged (steps {', '.join(map(str, steps))})")
+    elif step not in steps:
+        raise ValueError(f"step {step}: not a checkpoint in {directory} (steps: {', '.join(map(str, steps))})")
+    damage = checkpoint.damage(directory, step)
+    if damage:
+        raise ValueError(f"{directory}: {damage}")
+    meta = checkpoint.read_meta(directory, step)
+    if "settings" in meta:
+        config = train.TrainConfig.from_settings(meta["settings"])
+    else:  # written before runs recorded their settings: the sizes are read from the saved params
+        config = train.TrainConfig(model=vae.config_of(_saved_params(directory, step)))
+    total = meta.get("plan", {}).get("total") or config.total_steps(MNIST_TRAIN)
+    return Checkpoint(directory, step, config, total)
+
+
+def _saved_params(directory: Path, step: int) -> dict[str, Any]:
+    """The saved params as a nested dict of shapes, from orbax's metadata (nothing read but the index)."""
+    tree: dict[str, Any] = {}
+    for path, (shape, dtype) in checkpoint.saved_leaves(directory, step).items():
+        *parents, leaf = path.split("/")
+        if parents and parents[0] == "params":
+            node = tree
+            for part in parents[1:]:
+                node = node.setdefault(part, {})
+            node[leaf] = jax.ShapeDtypeStruct(shape, dtype)
+    return tree
+
+
+def _form(form: str) -> str:
+    if form not in BACKENDS:
+        raise ValueError(f"unknown form {form!r}; choose one of {', '.join(BACKENDS)}")
+    return form
+
+
+def load(path: str | Path, form: str = "functional", *, step: int | None = None, state: bool = False) -> Any:
+    """A trained run's params (or, with ``state=True``, its train state) in ``form``.
+
+    Args:
+        path: a run folder (``scripts/train.py --out``) or its ``checkpoints/`` folder.
+        form: ``"functional"``, ``"equinox"`` or ``"flax"``.
+        step: which checkpoint; ``None`` is the latest whose files read.
+        state: return the train state (step, params, optimiser state) instead of the params.
+
+    Returns:
+        ``form``'s params (functional dict, ``equinox_models.VAE``, Flax ``{'params': ...}``) or
+        its train state (``pureflax.TrainState``, or Flax's ``TrainState`` with ``apply_fn``/``tx``).
+
+    Raises:
+        ValueError: a missing path, a folder without checkpoints, an unknown form, a step that
+            does not exist or is damaged.
+        pureflax.compat.ConversionError / pureflax.checkpoint.ShapeMismatch: the saved arrays do
+            not fit the recorded model (path, shapes and dtypes named).
+
+    Example:
+        >>> model = load("runs/vae", "equinox")  # doctest: +SKIP
+    """
+    _form(form)
+    found = open_checkpoint(path, step)
+    backend = get_backend(form, found.config.model)
+    if state:
+        like, *_ = train.build(found.config, backend, found.total_steps, jax.random.PRNGKey(0))
+        return train.restore_state(found.directory, like, backend, found.step)
+    params = jax.tree_util.tree_map(jnp.asarray, checkpoint.restore_raw(found.directory, found.step)["params"])
+    return convert.from_functional(params, like=eqx.filter_eval_shape(backend.init_params, jax.random.PRNGKey(0), False))
+
+
+def _target(form: str, path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix not in SUFFIXES[_form(form)]:
+        raise ValueError(f"{path}: the {form} form is written as {' or '.join(SUFFIXES[form])}")
+    return path
+
+
+def save_file(model: Any, form: str, path: str | Path) -> Path:
+    """Write ``model`` (params in ``form``, as :func:`load` returns them) in its library's own format.
+
+    ``equinox``: ``eqx.tree_serialise_leaves`` (``.eqx``); ``flax``: ``flax.serialization.to_bytes``
+    of the variables (``.msgpack``); ``functional``: ``.safetensors`` or ``.npz`` keyed by path.
+
+    Raises:
+        ValueError: a suffix the form does not write.
+    """
+    path = _target(form, path)
+    if form == "equinox":
+        eqx.tree_serialise_leaves(path, model)
+    elif form == "flax":
+        from flax import serialization
+
+        path.write_bytes(serialization.to_bytes(model))
+    else:
+        checkpoint.write_params(model, path)
+    return path
+
+
+def _arguments(config: vae.VAEConfig, names: tuple[str, ...]) -> str:
+    """``latent_dim=32, ...``: the sizes of ``config`` that differ from the defaults, latent_dim always."""
+    default = vae.VAEConfig()
+    return ", ".join(
+        f"{name}={getattr(config, name)!r}" for name in names
+        if name == "latent_dim" or getattr(config, name) != getattr(default, name)
+    )
+
+
+def loader_code(form: str, config: vae.VAEConfig, path: str | Path) -> str:
+    """The Python that reads a file written by :func:`save_file` with ``form``'s own loader."""
+    path = str(path)
+    activation = "" if config.activation == "relu" else f", activation_fn=activation({config.activation!r})"
+    imports = "" if config.activation == "relu" else "from pureflax.nn import activation\n"
+    if _form(form) == "equinox":
+        sizes = _arguments(config, ("latent_dim", "encoder_dimensions", "decoder_dimensions", "num_classes", "input_dim"))
+        return (f"import equinox as eqx, jax\nfrom pureflax.compat.equinox_models import VAE\n{imports}"
+                f"like = eqx.filter_eval_shape(VAE, {sizes}{activation}, key=jax.random.PRNGKey(0))  # or VAE(...) itself\n"
+                f"model = eqx.tree_deserialise_leaves({path!r}, like)\n")
+    if form == "flax":
+        sizes = _arguments(config, ("latent_dim", "encoder_dimensions", "decoder_dimensions"))
+        return ("import pathlib, jax, jax.numpy as jnp\nfrom flax import serialization\nfrom pureflax.compat.flax_models import VAE\n"
+                f"{imports}model = VAE({sizes}{activation})\n"
+                f"like = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, {config.input_dim})), "
+                f"jnp.zeros((1, {config.num_classes})), jax.random.PRNGKey(0))\n"
+                f"variables = serialization.from_bytes(like, pathlib.Path({path!r}).read_bytes())\n")
+    flat = "safetensors.numpy.load_file" if path.endswith(".safetensors") else "numpy.load"
+    return (f"from pureflax.checkpoint import read_params\n"
+            f"params = read_params({path!r})  # nested functional params; {flat} gives them flat, keyed by path\n")
+
+
+def convert_run(path: str | Path, form: str, target: str | Path, *, step: int | None = None) -> tuple[int, str]:
+    """Write a run's params in ``form``'s file format; ``(step, the Python that loads the file)``."""
+    _target(form, target)  # before any reading
+    found = open_checkpoint(path, step)
+    save_file(load(found.directory, form, step=found.step), form, target)
+    return found.step, loader_code(form, found.config.model, target)
+
+
+__all__ = ["Checkpoint", "SUFFIXES", "checkpoints_of", "convert_run", "load", "loader_code", "open_checkpoint", "save_file"]
