@@ -5,9 +5,15 @@ import os
 import shutil
 import tempfile
 
-import jax
-import pytest
+# XLA's optimisation passes cost more than they save on the tests' tiny programs: compile with
+# most of them off (JAX's own test suite does the same), here and in the scripts the tests run
+# in subprocesses. tests/test_parity.py turns them back on: its figures are what users get.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true"))
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")
 
