@@ -1,11 +1,13 @@
 """Compatibility layer: the only part of pureflax that imports flax or equinox.
 
 ``to_functional`` / ``from_functional`` move params and optimiser state between the
-functional form, Equinox modules and Flax linen variables or ``TrainState``, exactly;
-``load`` gives a trained run's params or train state in any form.
+functional form, Equinox modules, Flax linen variables or ``TrainState`` and Flax NNX
+modules with their ``nnx.Optimizer``, exactly; ``migrate`` does both in one call (Linen to NNX,
+say, from an object or a checkpoint written the tutorial's way); ``load`` gives a trained run's
+params or train state in any form.
 """
 
 from pureflax.compat.convert import ConversionError, from_functional, to_functional
-from pureflax.compat.trained import load
+from pureflax.compat.trained import load, migrate
 
-__all__ = ["ConversionError", "from_functional", "load", "to_functional"]
+__all__ = ["ConversionError", "from_functional", "load", "migrate", "to_functional"]

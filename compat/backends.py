@@ -1,4 +1,4 @@
-"""The Equinox and Flax backends, and the registry of all three.
+"""The Equinox, Flax linen and Flax NNX backends, and the registry of all four.
 
 Each backend initialises through the functional init and converts, so the same seed
 gives the same starting weights in every form; ``native=True`` uses the library's own
@@ -17,14 +17,16 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from flax.training.train_state import TrainState as FlaxTrainState
 
 from pureflax import nn, vae
 from pureflax.backend import Backend, functional_backend, functional_init
-from pureflax.compat import convert, equinox_models, flax_models
+from pureflax.compat import convert, equinox_models, flax_models, nnx_models
 from pureflax.state import TrainState
 
 
@@ -93,10 +95,54 @@ def flax_backend(config: vae.VAEConfig) -> Backend:
     )
 
 
+def nnx_model(config: vae.VAEConfig, rngs: nnx.Rngs) -> nnx_models.VAE:
+    """The NNX VAE of ``config``'s sizes."""
+    return nnx_models.VAE(
+        latent_dim=config.latent_dim,
+        encoder_dimensions=config.encoder_dimensions,
+        decoder_dimensions=config.decoder_dimensions,
+        num_classes=config.num_classes,
+        input_dim=config.input_dim,
+        activation_fn=nn.activation(config.activation),
+        rngs=rngs,
+    )
+
+
+def nnx_backend(config: vae.VAEConfig) -> Backend:
+    """Params are the NNX VAE's params ``State`` (pure arrays); the module is split once.
+
+    ``nnx.split`` of a shapes-only module gives the graph; ``apply`` merges it with the
+    params inside the shared jitted step, so the step runs on a plain pytree, as every form's.
+    """
+    init = functional_init(config)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: nnx_model(config, nnx.Rngs(0))), nnx.Param)
+    like = nnx.as_pure(abstract)
+
+    def init_params(key: jax.Array, native: bool) -> Any:
+        if native:  # nnx.Linear's own init from an nnx.Rngs stream: other numbers than Linen's from one key
+            return nnx.as_pure(nnx.state(nnx_model(config, nnx.Rngs(params=key)), nnx.Param))
+        return convert.from_functional(init(key), like=like)
+
+    def apply(params: Any, x, c, key):
+        return nnx.merge(graphdef, params)(x, c, key)
+
+    return Backend(
+        name="nnx",
+        init_params=init_params,
+        param_names=convert.param_names,
+        create_state=TrainState.create,
+        apply=apply,
+        apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
+        to_functional=convert.to_functional,
+        from_functional=convert.from_functional,
+    )
+
+
 BACKENDS: dict[str, Callable[[vae.VAEConfig], Backend]] = {
     "functional": functional_backend,
     "equinox": equinox_backend,
     "flax": flax_backend,
+    "nnx": nnx_backend,
 }
 
 

@@ -1,4 +1,4 @@
-"""Move params and optimiser state between the functional, Equinox and Flax forms, exactly.
+"""Move params and optimiser state between the functional, Equinox, Flax linen and NNX forms, exactly.
 
 Two functions do everything:
 
@@ -38,6 +38,7 @@ from typing import Any
 
 import equinox as eqx
 import flax.core
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,6 +127,37 @@ def _linear_leaf_names(module: eqx.Module) -> dict[str, tuple[tuple[str, ...], b
     return names
 
 
+# ---------------------------------------------------------------- the NNX <-> Flax names
+
+
+def _nnx_leaf_names(state: Any) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Map each leaf of an NNX params ``State`` (by ``keystr``) to its Flax path; nothing is transposed.
+
+    ``nnx.Linear`` keeps Linen's ``kernel`` (in, out) and ``bias``; item ``i`` of a ``layers``
+    list (``FeedForward.layers``) is Linen's ``Dense_{i}``, the name ``nn.compact`` gives it.
+    """
+    names: dict[str, tuple[tuple[str, ...], bool]] = {}
+    for keys, _ in _flatten(state)[0]:
+        parts = [k.key for k in keys]
+        path: list[str] = []
+        for i, part in enumerate(parts):
+            if isinstance(part, int) and i and parts[i - 1] == "layers":
+                path[-1] = f"Dense_{part}"
+            else:
+                path.append(str(part))
+        names[jax.tree_util.keystr(keys)] = (tuple(path), False)
+    return names
+
+
+def _nnx_params(model: nnx.Module) -> Any:
+    """An NNX module's params as a pure ``State`` (arrays, not ``nnx.Param`` boxes)."""
+    return nnx.as_pure(nnx.state(model, nnx.Param))
+
+
+def _leaf_names(params: Any) -> dict[str, tuple[tuple[str, ...], bool]]:
+    return _linear_leaf_names(params) if isinstance(params, eqx.Module) else _nnx_leaf_names(params)
+
+
 def _get(tree: Mapping, path: tuple[str, ...], where: str) -> Any:
     node = tree
     for depth, name in enumerate(path):
@@ -148,6 +180,9 @@ def _check_leaf(where: str, source: Any, target: Any, transposed: bool) -> None:
             raise ConversionError(f"{where}: one tree freezes this param and the other does not")
         return
     _check_shape(where, source, tuple(np.shape(target)), transposed)
+    have, want = getattr(source, "dtype", None), getattr(target, "dtype", None)
+    if have is not None and want is not None and np.dtype(have) != np.dtype(want):
+        raise ConversionError(f"{where}: source dtype {np.dtype(have)} does not match target dtype {np.dtype(want)} (shape {tuple(np.shape(source))})")
 
 
 def _check_shape(where: str, source: Any, target_shape: tuple[int, ...], transposed: bool) -> None:
@@ -167,8 +202,10 @@ def param_names(params: Any) -> Any:
     Example: the leaf for ``model.encoder.layers[0].weight`` is ``'encoder/Dense_0/kernel'``;
     for Flax variables, ``variables['params']['encoder']['Dense_0']['kernel']`` gives the same.
     """
-    if isinstance(params, eqx.Module):
-        names = _linear_leaf_names(params)
+    if isinstance(params, nnx.Module):
+        params = _nnx_params(params)
+    if isinstance(params, (eqx.Module, nnx.State)):
+        names = _leaf_names(params)
 
         def name(path, leaf):
             entry = names.get(jax.tree_util.keystr(path))
@@ -183,10 +220,12 @@ def param_names(params: Any) -> Any:
 
 
 def params_to_functional(params: Any) -> dict:
-    """The functional params dict of an Equinox module, Flax variables or a functional dict."""
-    if isinstance(params, eqx.Module):
+    """The functional params dict of an Equinox module, an NNX module or params ``State``, Flax variables or a dict."""
+    if isinstance(params, nnx.Module):
+        params = _nnx_params(params)
+    if isinstance(params, (eqx.Module, nnx.State)):
         out: dict = {}
-        names = _linear_leaf_names(params)
+        names = _leaf_names(params)
         for keys, leaf in _flatten(params)[0]:
             if jax.tree_util.keystr(keys) not in names:
                 continue  # not a param: a function inside eqx.nn.Lambda, say
@@ -198,14 +237,21 @@ def params_to_functional(params: Any) -> dict:
         return _plain(params["params"])
     if isinstance(params, Mapping):
         return params
-    raise ConversionError(f"cannot convert a {type(params).__name__}: expected an Equinox module, Flax variables or a dict")
+    raise ConversionError(f"cannot convert a {type(params).__name__}: expected an Equinox or NNX module, Flax variables or a dict")
 
 
 def params_from_functional(tree: Mapping, like: Any) -> Any:
-    """``like`` (Equinox module, Flax variables or functional dict) filled with ``tree``'s values."""
+    """``like`` (Equinox or NNX module, NNX params ``State``, Flax variables or functional dict) filled with ``tree``'s values.
+
+    An NNX module comes back as a new module (``nnx.merge`` of ``like``'s graph with the
+    filled params); ``like`` itself is left as it was.
+    """
     tree = _plain(tree)
-    if isinstance(like, eqx.Module):
-        names = _linear_leaf_names(like)
+    if isinstance(like, nnx.Module):
+        graphdef, params, rest = nnx.split(like, nnx.Param, ...)
+        return nnx.merge(graphdef, params_from_functional(tree, nnx.as_pure(params)), rest)
+    if isinstance(like, (eqx.Module, nnx.State)):
+        names = _leaf_names(like)
         leaves_with_path, treedef = _flatten(like)
         leaves, used = [], set()
         for keys, target in leaves_with_path:
@@ -225,7 +271,7 @@ def params_from_functional(tree: Mapping, like: Any) -> Any:
         return flax.core.freeze(filled) if isinstance(like, flax.core.FrozenDict) else filled
     if isinstance(like, Mapping):
         return _fill_dict(tree, _plain(like))
-    raise ConversionError(f"cannot fill a {type(like).__name__}: expected an Equinox module, Flax variables or a dict")
+    raise ConversionError(f"cannot fill a {type(like).__name__}: expected an Equinox or NNX module, Flax variables or a dict")
 
 
 def _fill_dict(tree: Mapping, like: Mapping) -> Any:
@@ -254,7 +300,7 @@ def _no_extra(tree: Mapping, used: set[str]) -> None:
 
 def _params_node(like_params: Any):
     """A predicate for subtrees of an optimiser state that are shaped like ``like_params``."""
-    if isinstance(like_params, eqx.Module):
+    if isinstance(like_params, (eqx.Module, nnx.State)):
         cls = type(like_params)
         return lambda x: isinstance(x, cls)
     if _is_flax_variables(_plain(like_params)):
@@ -302,17 +348,45 @@ def _step(step: Any) -> Any:
     return step if isinstance(step, jax.ShapeDtypeStruct) else jnp.asarray(step, jnp.int32)
 
 
+def _is_nnx_pair(x: Any) -> bool:
+    """An NNX module and its ``nnx.Optimizer`` (which, since Flax 0.11, does not hold the model)."""
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], nnx.Module) and isinstance(x[1], nnx.Optimizer)
+
+
+def _nnx_pair_to_functional(model: nnx.Module, optimizer: nnx.Optimizer) -> TrainState:
+    params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+    return TrainState(
+        step=_step(optimizer.step[...]),  # NNX counts in uint32
+        params=params_to_functional(params),
+        opt_state=opt_state_to_functional(nnx.as_pure(optimizer.opt_state), params),
+    )
+
+
+def _nnx_pair_from_functional(tree: TrainState, model: nnx.Module, optimizer: nnx.Optimizer) -> tuple[nnx.Module, nnx.Optimizer]:
+    """A new module and a new ``nnx.Optimizer`` (same ``tx`` and ``wrt``) holding ``tree``'s values."""
+    new_model = params_from_functional(tree.params, model)
+    new_optimizer = nnx.Optimizer(new_model, optimizer.tx, wrt=optimizer.wrt)
+    params = nnx.as_pure(nnx.state(new_model, optimizer.wrt))
+    opt_state = opt_state_from_functional(tree.opt_state, nnx.as_pure(new_optimizer.opt_state), params)
+    nnx.update(new_optimizer.opt_state, nnx.state(opt_state))  # as nnx.Optimizer.update writes its state
+    new_optimizer.step[...] = jnp.asarray(tree.step, jnp.uint32)
+    return new_model, new_optimizer
+
+
 def to_functional(obj: Any) -> Any:
     """The functional form of ``obj``.
 
     Args:
-        obj: an Equinox module, Flax variables ``{'params': ...}``, a Flax ``TrainState``
+        obj: an Equinox module, an NNX module (or its params ``State``), Flax variables
+            ``{'params': ...}``, a Flax ``TrainState``, an NNX ``(model, nnx.Optimizer)`` pair
             or a :class:`pureflax.TrainState` (its params in any form).
 
     Returns:
         A params dict with Flax's paths, or a :class:`pureflax.TrainState` whose params
         and optimiser state are functional.
     """
+    if _is_nnx_pair(obj):
+        return _nnx_pair_to_functional(*obj)
     if isinstance(obj, (FlaxTrainState, TrainState)):
         return TrainState(
             step=_step(obj.step),
@@ -327,16 +401,22 @@ def from_functional(tree: Any, like: Any) -> Any:
 
     Args:
         tree: functional params (a dict) or a functional :class:`pureflax.TrainState`.
-        like: an instance of the wanted form: Equinox module, Flax variables, functional
-            dict, Flax ``TrainState`` (its ``apply_fn`` and ``tx`` are kept) or
-            :class:`pureflax.TrainState`. Its arrays give the shapes; their values are unused.
+        like: an instance of the wanted form: Equinox module, NNX module or params
+            ``State``, Flax variables, functional dict, Flax ``TrainState`` (its ``apply_fn``
+            and ``tx`` are kept), an NNX ``(model, nnx.Optimizer)`` pair (its ``tx`` and
+            ``wrt`` are kept) or :class:`pureflax.TrainState`. Its arrays give the shapes;
+            their values are unused.
 
     Returns:
-        ``like`` with ``tree``'s values.
+        ``like`` with ``tree``'s values (for NNX, new objects: ``like`` is not changed).
 
     Raises:
         ConversionError: naming the path and both shapes where the trees disagree.
     """
+    if _is_nnx_pair(like):
+        if not isinstance(tree, TrainState):
+            raise ConversionError(f"a train state fills a (model, optimizer) pair: got {type(tree).__name__}")
+        return _nnx_pair_from_functional(tree, *like)
     if isinstance(like, (FlaxTrainState, TrainState)):
         if not isinstance(tree, TrainState):
             raise ConversionError(f"a train state fills a train state: got {type(tree).__name__} for {type(like).__name__}")

@@ -5,20 +5,24 @@ and rebuilds the model from the settings the run recorded, so no sizes are passe
 
 * ``form="functional"``: the params dict (``{'encoder': {'Dense_0': {'kernel': ...}}, ...}``);
 * ``form="equinox"``: an :class:`pureflax.compat.equinox_models.VAE`;
-* ``form="flax"``: Flax variables ``{'params': ...}`` for :class:`pureflax.compat.flax_models.VAE`.
+* ``form="flax"``: Flax variables ``{'params': ...}`` for :class:`pureflax.compat.flax_models.VAE`;
+* ``form="nnx"``: an :class:`pureflax.compat.nnx_models.VAE` (a Flax NNX module).
 
 With ``state=True`` it returns the train state in that form instead, optimiser state included,
-ready to train on: a :class:`pureflax.TrainState` (functional, Equinox) or Flax's own
-``TrainState`` with ``apply_fn`` and ``tx`` rebuilt from the run's settings.
+ready to train on: a :class:`pureflax.TrainState` (functional, Equinox), Flax's own
+``TrainState`` with ``apply_fn`` and ``tx`` rebuilt from the run's settings, or for NNX the
+``(model, nnx.Optimizer)`` pair.
 
 :func:`save_file` writes a model in its library's format (``.eqx`` through
 ``eqx.tree_serialise_leaves``, ``.msgpack`` through ``flax.serialization.to_bytes``,
-``.safetensors``/``.npz`` keyed by functional path) and :func:`loader_code` gives the lines of
+``.safetensors``/``.npz`` keyed by functional path, and for NNX an orbax checkpoint folder of
+``nnx.state(model)`` as a pure dict, as the NNX checkpointing guide writes one) and :func:`loader_code` gives the lines of
 Python that read it back with that library's own loader.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +35,7 @@ from pureflax.compat import convert
 from pureflax.compat.backends import BACKENDS, get_backend
 
 # Each form's file format: the suffixes it writes, first the default.
-SUFFIXES = {"functional": checkpoint.PARAM_FILES, "equinox": (".eqx",), "flax": (".msgpack",)}
+SUFFIXES = {"functional": checkpoint.PARAM_FILES, "equinox": (".eqx",), "flax": (".msgpack",), "nnx": ("",)}
 # A run folder holds the checkpoints here (scripts/train.py --out).
 CHECKPOINTS = "checkpoints"
 # Checkpoints written before runs recorded their plan: the schedule is rebuilt for MNIST's size.
@@ -112,13 +116,14 @@ def load(path: str | Path, form: str = "functional", *, step: int | None = None,
 
     Args:
         path: a run folder (``scripts/train.py --out``) or its ``checkpoints/`` folder.
-        form: ``"functional"``, ``"equinox"`` or ``"flax"``.
+        form: ``"functional"``, ``"equinox"``, ``"flax"`` or ``"nnx"``.
         step: which checkpoint; ``None`` is the latest whose files read.
         state: return the train state (step, params, optimiser state) instead of the params.
 
     Returns:
-        ``form``'s params (functional dict, ``equinox_models.VAE``, Flax ``{'params': ...}``) or
-        its train state (``pureflax.TrainState``, or Flax's ``TrainState`` with ``apply_fn``/``tx``).
+        ``form``'s params (functional dict, ``equinox_models.VAE``, Flax ``{'params': ...}``, an
+        ``nnx_models.VAE``) or its train state (``pureflax.TrainState``, Flax's ``TrainState``
+        with ``apply_fn``/``tx``, or an NNX ``(model, nnx.Optimizer)`` pair).
 
     Raises:
         ValueError: a missing path, a folder without checkpoints, an unknown form, a step that
@@ -131,18 +136,43 @@ def load(path: str | Path, form: str = "functional", *, step: int | None = None,
     """
     _form(form)
     found = open_checkpoint(path, step)
+    if form == "nnx":
+        return _load_nnx(found, state)
     backend = get_backend(form, found.config.model)
     if state:
         like, *_ = train.build(found.config, backend, found.total_steps, jax.random.PRNGKey(0))
         return train.restore_state(found.directory, like, backend, found.step)
-    params = jax.tree_util.tree_map(jnp.asarray, checkpoint.restore_raw(found.directory, found.step)["params"])
-    return convert.from_functional(params, like=eqx.filter_eval_shape(backend.init_params, jax.random.PRNGKey(0), False))
+    return convert.from_functional(_saved_params(found.directory, found.step), like=eqx.filter_eval_shape(backend.init_params, jax.random.PRNGKey(0), False))
+
+
+def _saved_params(directory: Path, step: int) -> dict[str, Any]:
+    return jax.tree_util.tree_map(jnp.asarray, checkpoint.restore_raw(directory, step)["params"])
+
+
+def _load_nnx(found: Checkpoint, state: bool) -> Any:
+    """The NNX module, or the ``(model, nnx.Optimizer)`` pair with the run's optimiser and its state."""
+    from flax import nnx
+
+    from pureflax import optim
+    from pureflax.compat.backends import nnx_model
+
+    abstract = nnx.eval_shape(lambda: nnx_model(found.config.model, nnx.Rngs(0)))
+    if not state:
+        return convert.from_functional(_saved_params(found.directory, found.step), like=abstract)
+    functional = get_backend("functional", found.config.model)
+    like, *_ = train.build(found.config, functional, found.total_steps, jax.random.PRNGKey(0))
+    restored = train.restore_state(found.directory, like, functional, found.step)
+    model = convert.from_functional(restored.params, like=abstract)
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    tx = optim.make_optimizer(found.config.optim, found.total_steps, params, convert.param_names(params))
+    return convert.from_functional(restored, like=(model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
 
 
 def _target(form: str, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix not in SUFFIXES[_form(form)]:
-        raise ValueError(f"{path}: the {form} form is written as {' or '.join(SUFFIXES[form])}")
+        written = "an orbax checkpoint folder (a path without a suffix)" if form == "nnx" else " or ".join(SUFFIXES[form])
+        raise ValueError(f"{path}: the {form} form is written as {written}")
     return path
 
 
@@ -156,7 +186,15 @@ def save_file(model: Any, form: str, path: str | Path) -> Path:
         ValueError: a suffix the form does not write.
     """
     path = _target(form, path)
-    if form == "equinox":
+    if form == "nnx":
+        import orbax.checkpoint as ocp
+        from flax import nnx
+
+        if path.exists():
+            raise ValueError(f"{path}: already exists (the nnx form is written as an orbax checkpoint folder)")
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path.absolute(), nnx.to_pure_dict(nnx.state(model)))
+    elif form == "equinox":
         eqx.tree_serialise_leaves(path, model)
     elif form == "flax":
         from flax import serialization
@@ -193,9 +231,60 @@ def loader_code(form: str, config: vae.VAEConfig, path: str | Path) -> str:
                 f"like = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, {config.input_dim})), "
                 f"jnp.zeros((1, {config.num_classes})), jax.random.PRNGKey(0))\n"
                 f"variables = serialization.from_bytes(like, pathlib.Path({path!r}).read_bytes())\n")
+    if form == "nnx":
+        sizes = _arguments(config, ("latent_dim", "encoder_dimensions", "decoder_dimensions", "num_classes", "input_dim"))
+        return ("import orbax.checkpoint as ocp, pathlib\nfrom flax import nnx\nfrom pureflax.compat.nnx_models import VAE\n"
+                f"{imports}graphdef, state = nnx.split(nnx.eval_shape(lambda: VAE({sizes}{activation}, rngs=nnx.Rngs(0))))\n"
+                f"nnx.replace_by_pure_dict(state, ocp.StandardCheckpointer().restore(pathlib.Path({path!r}).absolute()))\n"
+                "model = nnx.merge(graphdef, state)\n")
     flat = "safetensors.numpy.load_file" if path.endswith(".safetensors") else "numpy.load"
     return (f"from pureflax.checkpoint import read_params\n"
             f"params = read_params({path!r})  # nested functional params; {flat} gives them flat, keyed by path\n")
+
+
+def migrate(source: Any, like: Any) -> Any:
+    """``source`` in ``like``'s form, in one call: Linen to NNX, NNX to Linen, or any pair of forms.
+
+    Args:
+        source: anything :func:`pureflax.compat.to_functional` takes (Linen variables or params, a
+            Flax ``TrainState``, an NNX module or ``(model, nnx.Optimizer)`` pair, an Equinox
+            module, a ``pureflax.TrainState``), or the path of an orbax checkpoint written the
+            tutorial's way (``ocp.PyTreeCheckpointer().save(path, params)``, or of a Flax
+            ``TrainState``: ``step``, ``params``, ``opt_state``).
+        like: an instance of the form wanted (see :func:`pureflax.compat.from_functional`); for a
+            train state (a pair, a Flax ``TrainState``), its optimiser gives the optimiser state's
+            structure.
+
+    Returns:
+        A new object of ``like``'s form holding ``source``'s values (for NNX, new module and
+        optimiser; ``like`` is not changed).
+    """
+    if isinstance(source, (str, Path)):
+        source = _read_tutorial_checkpoint(Path(source), like)
+    return convert.from_functional(convert.to_functional(source), like=like)
+
+
+def _read_tutorial_checkpoint(path: Path, like: Any) -> Any:
+    """A checkpoint written by ``ocp.PyTreeCheckpointer().save``: Linen params, or a Flax state's fields."""
+    import orbax.checkpoint as ocp
+
+    from pureflax.state import TrainState
+
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such checkpoint folder")
+    with ocp.PyTreeCheckpointer() as checkpointer, warnings.catch_warnings():
+        # Without a target orbax reads each array's sharding from the checkpoint and says so; one host here.
+        warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
+        saved = checkpointer.restore(path.absolute())
+        if not (isinstance(saved, dict) and {"params", "opt_state"} <= set(saved)):
+            return jax.tree_util.tree_map(jnp.asarray, saved)  # params: Linen's names are the functional ones
+        target = convert.to_functional(like)
+        if not isinstance(target, TrainState):
+            raise ValueError(f"{path} holds a train state (params and opt_state): pass a train state as like")
+        # Linen's optimiser state has the functional layout: restore into it, structure and all
+        item = {"step": target.step, "params": target.params, "opt_state": target.opt_state}
+        restored = checkpointer.restore(path.absolute(), args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+    return TrainState(step=restored["step"], params=restored["params"], opt_state=restored["opt_state"])
 
 
 def convert_run(path: str | Path, form: str, target: str | Path, *, step: int | None = None) -> tuple[int, str]:
@@ -206,4 +295,4 @@ def convert_run(path: str | Path, form: str, target: str | Path, *, step: int | 
     return found.step, loader_code(form, found.config.model, target)
 
 
-__all__ = ["Checkpoint", "SUFFIXES", "checkpoints_of", "convert_run", "load", "loader_code", "open_checkpoint", "save_file"]
+__all__ = ["Checkpoint", "SUFFIXES", "checkpoints_of", "convert_run", "load", "loader_code", "migrate", "open_checkpoint", "save_file"]

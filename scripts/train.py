@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-BACKENDS = ("functional", "equinox", "flax")
+BACKENDS = ("functional", "equinox", "flax", "nnx")  # pureflax.compat.backends.BACKENDS, without importing it for --help
 
 
 class Parser(argparse.ArgumentParser):
