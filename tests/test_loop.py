@@ -35,7 +35,7 @@ def test_epoch_order_is_a_permutation_without_the_remainder():
     assert len(set(order.ravel().tolist())) == 48 and order.max() < 50
 
 
-@pytest.mark.parametrize("backend", ["functional", "equinox"])
+@pytest.mark.parametrize("backend", ["functional", "equinox", "nnx"])
 def test_fused_and_per_step_give_the_same_losses_and_state(tmp_path, backend):
     from pureflax.compat.backends import get_backend
 

@@ -202,7 +202,7 @@ def test_sigint_saves_prints_how_to_resume_and_exits_130(data, tmp_path, referen
 # --- in-process faults at a set step ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["equinox", "flax"])
+@pytest.mark.parametrize("backend", ["equinox", "flax", "nnx"])
 def test_a_crash_between_checkpoints_resumes_exactly_in_every_form(data, tmp_path, reference, capsys, backend):
     out = tmp_path / "out"
     crashed_run(data, out, 24, "--backend", backend)
@@ -210,7 +210,9 @@ def test_a_crash_between_checkpoints_resumes_exactly_in_every_form(data, tmp_pat
     code, stdout, err = cli(capsys, args_for(data, out, "--backend", backend, "--resume"))
     assert code == 0, err
     assert "resuming from step 20" in stdout
-    assert_same_run(out, reference(backend))
+    # Linen and NNX compute the functional form's numbers bit for bit (tests/test_parity.py):
+    # the functional run is their uninterrupted run too; Equinox's rounds differently.
+    assert_same_run(out, reference("equinox" if backend == "equinox" else "functional"))
 
 
 def test_sigterm_saves_where_it_stopped_and_exits_143(data, tmp_path, reference, capsys, monkeypatch):

@@ -171,7 +171,7 @@ def test_unwritable_out_is_refused_before_training(tmp_path, tiny_data, capsys):
     assert code == 2 and "--out" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("backend", ["functional", "equinox", "flax"])
+@pytest.mark.parametrize("backend", ["functional", "equinox", "flax", "nnx"])
 def test_every_flag_works_with_every_backend(tiny_data, tmp_path, backend):
     args = ["--backend", backend, "--data", str(tiny_data), "--out", str(tmp_path / "o"), "--batch-size", "8",
             "--max-steps", "8", "--log-every", "4", "--kl-weight", "0.25", "--lr", "3e-4",

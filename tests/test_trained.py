@@ -9,7 +9,9 @@ import pytest
 from flax.training.train_state import TrainState as FlaxTrainState
 
 from pureflax import TrainState, checkpoint, optim, step as step_lib, train, vae
-from pureflax.compat import ConversionError, equinox_models, load, parity, to_functional, trained
+from flax import nnx
+
+from pureflax.compat import ConversionError, equinox_models, from_functional, load, nnx_models, parity, to_functional, trained
 from pureflax.compat.backends import get_backend
 from tiny import load_script, tiny_mnist
 
@@ -33,6 +35,8 @@ def run(tmp_path_factory):
 
 def forward(form, params):
     x, c = step_lib.to_inputs(BATCH, CONFIG.num_classes)
+    if form == "nnx":  # the module itself, as NNX users call it
+        return params(x, c, NOISE)
     return get_backend(form, CONFIG).apply(params, x, c, NOISE)
 
 
@@ -55,6 +59,9 @@ def test_load_gives_the_saved_params_in_every_form(run):
     want = forward("functional", params)
     assert_same_forward("flax", variables, want)
     assert_same_forward("equinox", model, want)
+    module = load(run, "nnx")
+    assert isinstance(module, nnx_models.VAE)
+    assert_same_forward("nnx", module, want)
     # an earlier step, and the checkpoints/ folder itself
     earlier = load(run / "checkpoints", "flax", step=6)
     assert not (np.asarray(earlier["params"]["class_proj"]["kernel"]) == np.asarray(params["class_proj"]["kernel"])).all()
@@ -78,6 +85,13 @@ def test_load_state_is_ready_to_train_in_every_form(run):
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
     assert flax_state.apply_fn is not None
+    # NNX: the (model, nnx.Optimizer) pair, its optimiser the run's (the same step from the same state)
+    model, optimizer = load(run, "nnx", state=True)
+    assert isinstance(model, nnx_models.VAE) and isinstance(optimizer, nnx.Optimizer)
+    assert int(optimizer.step[...]) == 12
+    optimizer.update(model, nnx.state(from_functional(grads, like=model), nnx.Param))
+    for a, b in zip(jax.tree_util.tree_leaves(to_functional((model, optimizer))), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_latest_damaged_step_is_skipped_and_never_touched(run, tmp_path):
@@ -96,7 +110,7 @@ def test_the_latest_damaged_step_is_skipped_and_never_touched(run, tmp_path):
     [
         (lambda run: load(run.parent / "nowhere"), "nowhere: no such folder"),
         (lambda run: load(run.parent), "holds no checkpoint"),
-        (lambda run: load(run, "jax"), "unknown form 'jax'; choose one of functional, equinox, flax"),
+        (lambda run: load(run, "jax"), "unknown form 'jax'; choose one of functional, equinox, flax, nnx"),
         (lambda run: load(run, step=7), r"step 7: not a checkpoint in .* \(steps: 6, 12\)"),
     ],
     ids=["missing", "no-checkpoints", "form", "step"],
@@ -124,7 +138,7 @@ def test_a_saved_array_that_does_not_fit_the_recorded_model_names_its_path(run, 
         load(copy, "equinox")
 
 
-@pytest.mark.parametrize("form, name", [("equinox", "vae.eqx"), ("flax", "vae.msgpack"),
+@pytest.mark.parametrize("form, name", [("equinox", "vae.eqx"), ("flax", "vae.msgpack"), ("nnx", "vae_nnx"),
                                         ("functional", "vae.safetensors"), ("functional", "vae.npz")])
 def test_convert_writes_the_librarys_own_format_and_prints_how_to_load_it(run, tmp_path, capsys, form, name):
     target = tmp_path / name
@@ -134,11 +148,13 @@ def test_convert_writes_the_librarys_own_format_and_prints_how_to_load_it(run, t
     code = printed.split("load it with:\n\n", 1)[1]
     namespace = {}
     exec(code, namespace)  # the printed lines, with the library's own loader
-    loaded = {"equinox": "model", "flax": "variables", "functional": "params"}[form]
+    loaded = {"equinox": "model", "flax": "variables", "functional": "params", "nnx": "model"}[form]
     if form == "equinox":
         assert "eqx.tree_deserialise_leaves(" in code
     if form == "flax":
         assert "serialization.from_bytes(" in code
+    if form == "nnx":  # the NNX checkpointing guide's way: an orbax checkpoint of the pure dict
+        assert "nnx.replace_by_pure_dict(" in code and "nnx.merge(" in code
     assert_same_forward(form, namespace[loaded], forward("functional", load(run, step=6)))
 
 
