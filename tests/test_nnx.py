@@ -179,3 +179,15 @@ def test_the_nnx_backend_trains_on_the_functional_init_and_its_native_init_is_nn
     assert not leaves_equal(to_functional(native), to_functional(params))  # another stream: other numbers
     recon, mean, logvar = jax.jit(backend.apply)(params, X, C, NOISE)
     assert recon.shape == (5, 20) and mean.shape == (5, 3)
+
+
+def test_functional_nnx_equinox_linen_nnx_functional_is_bit_for_bit():
+    from pureflax.compat import equinox_models
+
+    start = vae.init(jax.random.PRNGKey(0), CFG)
+    model = from_functional(start, like=nnx_vae(1))
+    eqx_model = migrate(model, like=equinox_models.VAE(**SIZES, key=jax.random.PRNGKey(2)))  # weight = kernel.T, exact
+    variables = migrate(eqx_model, like=LINEN.init(jax.random.PRNGKey(3), X, C, NOISE))
+    again = migrate(variables, like=nnx_vae(4))
+    assert leaves_equal(to_functional(again), start)
+    assert (np.asarray(eqx_model.encoder.layers[0].weight) == np.asarray(start["encoder"]["Dense_0"]["kernel"]).T).all()
