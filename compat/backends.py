@@ -30,20 +30,24 @@ from pureflax.compat import convert, equinox_models, flax_models, nnx_models
 from pureflax.state import TrainState
 
 
+def module_sizes(config: vae.VAEConfig) -> dict:
+    """The keyword arguments of the Equinox and NNX ``VAE`` constructors for ``config``."""
+    return dict(
+        latent_dim=config.latent_dim,
+        encoder_dimensions=config.encoder_dimensions,
+        decoder_dimensions=config.decoder_dimensions,
+        num_classes=config.num_classes,
+        input_dim=config.input_dim,
+        activation_fn=nn.activation(config.activation),
+    )
+
+
 def equinox_backend(config: vae.VAEConfig) -> Backend:
     """Params are an ``equinox_models.VAE``; state a :class:`pureflax.TrainState` holding it."""
     init = functional_init(config)
 
     def build(key: jax.Array) -> equinox_models.VAE:
-        return equinox_models.VAE(
-            latent_dim=config.latent_dim,
-            encoder_dimensions=config.encoder_dimensions,
-            decoder_dimensions=config.decoder_dimensions,
-            num_classes=config.num_classes,
-            input_dim=config.input_dim,
-            activation_fn=nn.activation(config.activation),
-            key=key,
-        )
+        return equinox_models.VAE(**module_sizes(config), key=key)
 
     def init_params(key: jax.Array, native: bool) -> equinox_models.VAE:
         if native:
@@ -97,15 +101,7 @@ def flax_backend(config: vae.VAEConfig) -> Backend:
 
 def nnx_model(config: vae.VAEConfig, rngs: nnx.Rngs) -> nnx_models.VAE:
     """The NNX VAE of ``config``'s sizes."""
-    return nnx_models.VAE(
-        latent_dim=config.latent_dim,
-        encoder_dimensions=config.encoder_dimensions,
-        decoder_dimensions=config.decoder_dimensions,
-        num_classes=config.num_classes,
-        input_dim=config.input_dim,
-        activation_fn=nn.activation(config.activation),
-        rngs=rngs,
-    )
+    return nnx_models.VAE(**module_sizes(config), rngs=rngs)
 
 
 def nnx_backend(config: vae.VAEConfig) -> Backend:
