@@ -386,3 +386,344 @@ def bind(apply: Callable[..., Any], params: Params) -> Bound:
 def unbind(bound: Bound) -> tuple[Callable[..., Any], Params]:
     """Split a :class:`Bound` back into ``(apply, params)``."""
     return bound.apply, bound.params
+
+
+# --- beyond Dense: convolutions, normalisation, embeddings, pooling --------------------------
+#
+# Each follows its flax.linen namesake: the same parameter names, layouts, init keys (the n-th
+# param of a layer draws from ``param_key(key, n)``) and the same operations in the same order,
+# so the same params and inputs give Flax's outputs (tests/test_layers.py measures each).
+
+
+def ones(key: PRNGKeyArray, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+    """Flax's default scale init."""
+    del key  # counted, as in Flax
+    return jnp.ones(shape, dtype)
+
+
+def _ints(value: int | Sequence[int], n: int, name: str, where: str) -> tuple[int, ...]:
+    """``value`` for each of ``n`` spatial dimensions (an int is repeated)."""
+    values = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(values) != n or any(not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"{where}: {name} must be a positive int or {n} of them, got {value!r}")
+    return values
+
+
+def _padding(padding: str | int | Sequence[Any], n: int, where: str) -> str | tuple[tuple[int, int], ...]:
+    """``'SAME'``/``'VALID'``, or explicit ``(low, high)`` pairs per spatial dimension (an int pads both sides)."""
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"{where}: padding must be 'SAME', 'VALID', an int or (low, high) pairs, got {padding!r}")
+        return padding.upper()
+    if isinstance(padding, int):
+        return ((padding, padding),) * n
+    pairs = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    if len(pairs) != n or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"{where}: padding needs {n} (low, high) pairs, got {padding!r}")
+    return pairs
+
+
+def _conv_dimension_numbers(ndim: int) -> jax.lax.ConvDimensionNumbers:
+    """Channels last, as Flax: inputs (batch, *spatial, features), kernels (*spatial, in, out)."""
+    lhs = (0, ndim - 1) + tuple(range(1, ndim - 1))
+    rhs = (ndim - 1, ndim - 2) + tuple(range(0, ndim - 2))
+    return jax.lax.ConvDimensionNumbers(lhs, rhs, lhs)
+
+
+def _check_conv_input(where: str, x: Any, spatial: int, in_features: int | None = None) -> None:
+    shape = tuple(jnp.shape(x))
+    if len(shape) != spatial + 2:
+        raise ValueError(f"{where}: input has shape {shape}; expected (batch, {spatial} spatial dims, features)")
+    if in_features is not None and shape[-1] != in_features:
+        raise ValueError(f"{where}: input has {shape[-1]} features but the kernel expects {in_features}")
+
+
+def _add_bias(y: Array, bias: Array) -> Array:
+    return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+
+def conv(
+    features: int,
+    kernel_size: int | Sequence[int],
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: str | int | Sequence[Any] = "SAME",
+    input_dilation: int | Sequence[int] = 1,
+    kernel_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
+    use_bias: bool = True,
+    kernel_init: Callable[..., Array] = lecun_normal,
+    bias_init: Callable[..., Array] = zeros,
+) -> Layer:
+    """A convolution over 1, 2 or 3 spatial dimensions (Flax's ``nn.Conv``), channels last.
+
+    Params: ``kernel`` of shape ``kernel_size + (in_features // feature_group_count, features)``
+    (Flax's HWIO) and ``bias`` (features,). ``'SAME'`` pads as ``lax.conv_general_dilated``
+    does, which with a stride is not symmetric (more on the high side).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = conv(8, (3, 3), strides=2)
+        >>> p = layer.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+        >>> p['kernel'].shape, layer.apply(p, jnp.ones((2, 28, 28, 1))).shape
+        ((3, 3, 1, 8), (2, 14, 14, 8))
+    """
+    kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    n = len(kernel_size)
+    where = f"conv{n}d"
+    kernel_size = _ints(kernel_size, n, "kernel_size", where)
+    strides_, in_dil, k_dil = (_ints(v, n, name, where) for v, name in
+                               ((strides, "strides"), (input_dilation, "input_dilation"), (kernel_dilation, "kernel_dilation")))
+    pad = _padding(padding, n, where)
+    if not isinstance(features, int) or features < 1 or feature_group_count < 1 or features % feature_group_count:
+        raise ValueError(f"{where}: features ({features!r}) must be a positive multiple of feature_group_count ({feature_group_count!r})")
+
+    def init(key: PRNGKeyArray | Scope, x: Example) -> Params:
+        shape = _shape(x)
+        _check_conv_input(where, jax.ShapeDtypeStruct(shape, jnp.float32), n)
+        if shape[-1] % feature_group_count:
+            raise ValueError(f"{where}: {shape[-1]} input features do not split into {feature_group_count} groups")
+        params = {"kernel": kernel_init(param_key(key, 1), kernel_size + (shape[-1] // feature_group_count, features))}
+        if use_bias:
+            params["bias"] = bias_init(param_key(key, 2), (features,))
+        return params
+
+    def apply(params: Params, x: ArrayLike) -> Array:
+        x = jnp.asarray(x)
+        kernel = params["kernel"]
+        _check_conv_input(where, x, n, kernel.shape[-2] * feature_group_count)
+        y = jax.lax.conv_general_dilated(
+            x, kernel, strides_, pad, lhs_dilation=in_dil, rhs_dilation=k_dil,
+            dimension_numbers=_conv_dimension_numbers(x.ndim), feature_group_count=feature_group_count,
+        )
+        return _add_bias(y, params["bias"]) if use_bias else y
+
+    return Layer(init, apply)
+
+
+def conv_transpose(
+    features: int,
+    kernel_size: int | Sequence[int],
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: str | int | Sequence[Any] = "SAME",
+    kernel_dilation: int | Sequence[int] = 1,
+    transpose_kernel: bool = False,
+    use_bias: bool = True,
+    kernel_init: Callable[..., Array] = lecun_normal,
+    bias_init: Callable[..., Array] = zeros,
+) -> Layer:
+    """A transposed convolution (Flax's ``nn.ConvTranspose``, ``lax.conv_transpose``), channels last.
+
+    Params: ``kernel`` of shape ``kernel_size + (in_features, features)`` (``(features,
+    in_features)`` last with ``transpose_kernel=True``) and ``bias`` (features,).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = conv_transpose(1, (3, 3), strides=2)
+        >>> p = layer.init(jax.random.key(0), jnp.zeros((1, 14, 14, 8)))
+        >>> layer.apply(p, jnp.ones((2, 14, 14, 8))).shape
+        (2, 28, 28, 1)
+    """
+    kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    n = len(kernel_size)
+    where = f"conv_transpose{n}d"
+    kernel_size = _ints(kernel_size, n, "kernel_size", where)
+    strides_, k_dil = _ints(strides, n, "strides", where), _ints(kernel_dilation, n, "kernel_dilation", where)
+    pad = _padding(padding, n, where)
+    if not isinstance(features, int) or features < 1:
+        raise ValueError(f"{where}: features must be a positive int, got {features!r}")
+
+    def init(key: PRNGKeyArray | Scope, x: Example) -> Params:
+        shape = _shape(x)
+        _check_conv_input(where, jax.ShapeDtypeStruct(shape, jnp.float32), n)
+        io = (features, shape[-1]) if transpose_kernel else (shape[-1], features)
+        params = {"kernel": kernel_init(param_key(key, 1), kernel_size + io)}
+        if use_bias:
+            params["bias"] = bias_init(param_key(key, 2), (features,))
+        return params
+
+    def apply(params: Params, x: ArrayLike) -> Array:
+        x = jnp.asarray(x)
+        kernel = params["kernel"]
+        _check_conv_input(where, x, n, kernel.shape[-1] if transpose_kernel else kernel.shape[-2])
+        y = jax.lax.conv_transpose(x, kernel, strides_, pad, rhs_dilation=k_dil, transpose_kernel=transpose_kernel)
+        return _add_bias(y, params["bias"]) if use_bias else y
+
+    return Layer(init, apply)
+
+
+def _stats(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+    """Mean and variance over ``axes`` as Flax computes them: E[x²] − E[x]², clipped at 0."""
+    x = jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
+    mean, mean2 = x.mean(axes), jax.lax.square(x).mean(axes)
+    return mean, jnp.maximum(0.0, mean2 - jax.lax.square(mean))
+
+
+def _normalize(params: Params, x: Array, mean: Array, var: Array, reduction_axes: tuple[int, ...],
+               epsilon: float, use_scale: bool, use_bias: bool) -> Array:
+    """``(x − mean) · rsqrt(var + ε) · scale + bias`` in Flax's order of operations (features last)."""
+    feature_shape = (1,) * (x.ndim - 1) + (x.shape[-1],)
+    y = x - jnp.expand_dims(mean, reduction_axes)
+    mul = jax.lax.rsqrt(jnp.expand_dims(var, reduction_axes) + epsilon)
+    if use_scale:
+        mul = mul * params["scale"].reshape(feature_shape)
+    y = y * mul
+    if use_bias:
+        y = y + params["bias"].reshape(feature_shape)
+    return y
+
+
+def _norm_params(key: PRNGKeyArray | Scope, features: int, use_scale: bool, use_bias: bool) -> Params:
+    params = {}
+    if use_scale:
+        params["scale"] = ones(param_key(key, 1), (features,))
+    if use_bias:
+        params["bias"] = zeros(param_key(key, 1 + use_scale), (features,))
+    return params
+
+
+def layer_norm(*, epsilon: float = 1e-6, use_scale: bool = True, use_bias: bool = True) -> Layer:
+    """Normalise each example over its last axis (Flax's ``nn.LayerNorm``: ε = 1e-6; Equinox's is 1e-5).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = layer_norm()
+        >>> p = layer.init(jax.random.key(0), jnp.zeros((2, 4)))
+        >>> [round(float(v), 3) for v in layer.apply(p, jnp.array([[1., 2., 3., 4.]]))[0]]
+        [-1.342, -0.447, 0.447, 1.342]
+    """
+
+    def init(key: PRNGKeyArray | Scope, x: Example) -> Params:
+        return _norm_params(key, _shape(x)[-1], use_scale, use_bias)
+
+    def apply(params: Params, x: ArrayLike) -> Array:
+        x = jnp.asarray(x)
+        mean, var = _stats(x, (x.ndim - 1,))
+        return _normalize(params, x, mean, var, (x.ndim - 1,), epsilon, use_scale, use_bias)
+
+    return Layer(init, apply)
+
+
+def group_norm(num_groups: int = 32, *, epsilon: float = 1e-6, use_scale: bool = True, use_bias: bool = True) -> Layer:
+    """Normalise each example over its spatial axes and groups of features (Flax's ``nn.GroupNorm``)."""
+    if not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"group_norm: num_groups must be a positive int, got {num_groups!r}")
+
+    def init(key: PRNGKeyArray | Scope, x: Example) -> Params:
+        features = _shape(x)[-1]
+        if features % num_groups:
+            raise ValueError(f"group_norm: {num_groups} groups do not divide {features} features")
+        return _norm_params(key, features, use_scale, use_bias)
+
+    def apply(params: Params, x: ArrayLike) -> Array:
+        x = jnp.asarray(x)
+        if x.shape[-1] % num_groups:
+            raise ValueError(f"group_norm: {num_groups} groups do not divide {x.shape[-1]} features")
+        size = x.shape[-1] // num_groups
+        grouped = x.reshape(x.shape[:-1] + (num_groups, size))
+        mean, var = _stats(grouped, tuple(range(1, x.ndim - 1)) + (grouped.ndim - 1,))
+        mean, var = jnp.repeat(mean, size, axis=-1), jnp.repeat(var, size, axis=-1)
+        return _normalize(params, x, mean, var, tuple(range(1, x.ndim - 1)), epsilon, use_scale, use_bias)
+
+    return Layer(init, apply)
+
+
+class StatefulLayer(NamedTuple):
+    """A layer with state besides its params (BatchNorm's running statistics).
+
+    ``init(key, x) -> params``; ``init_state(x) -> state``;
+    ``apply(params, state, x, *, train) -> (y, new_state)``.
+    """
+
+    init: Callable[..., Params]
+    init_state: Callable[..., Params]
+    apply: Callable[..., tuple[Array, Params]]
+
+
+def batch_norm(*, momentum: float = 0.99, epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool = True) -> StatefulLayer:
+    """Batch normalisation over every axis but the last (Flax's ``nn.BatchNorm``).
+
+    Params ``scale``/``bias``; state ``mean`` (zeros) and ``var`` (ones) — Flax's
+    ``batch_stats``. ``train=True`` normalises with the batch's statistics and returns the
+    running ones updated as ``momentum · running + (1 − momentum) · batch``; ``train=False``
+    uses the running statistics and returns the state unchanged.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = batch_norm()
+        >>> x = jnp.array([[0.0], [2.0]])
+        >>> p, s = layer.init(jax.random.key(0), x), layer.init_state(x)
+        >>> y, s = layer.apply(p, s, x, train=True)
+        >>> [round(float(v), 3) for v in y[:, 0]], round(float(s['mean'][0]), 3), round(float(s['var'][0]), 3)
+        ([-1.0, 1.0], 0.01, 1.0)
+    """
+    if not 0 <= momentum <= 1:
+        raise ValueError(f"batch_norm: momentum must be in [0, 1], got {momentum!r}")
+
+    def init(key: PRNGKeyArray | Scope, x: Example) -> Params:
+        return _norm_params(key, _shape(x)[-1], use_scale, use_bias)
+
+    def init_state(x: Example) -> Params:
+        features = _shape(x)[-1]
+        return {"mean": jnp.zeros((features,), jnp.float32), "var": jnp.ones((features,), jnp.float32)}
+
+    def apply(params: Params, state: Params, x: ArrayLike, *, train: bool) -> tuple[Array, Params]:
+        x = jnp.asarray(x)
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            mean, var = _stats(x, axes)
+            state = {"mean": momentum * state["mean"] + (1 - momentum) * mean,
+                     "var": momentum * state["var"] + (1 - momentum) * var}
+        else:
+            mean, var = state["mean"], state["var"]
+        return _normalize(params, x, mean, var, axes, epsilon, use_scale, use_bias), state
+
+    return StatefulLayer(init, init_state, apply)
+
+
+def embed(num_embeddings: int, features: int, *, embedding_init: Callable[..., Array] | None = None) -> Layer:
+    """A lookup table (Flax's ``nn.Embed``): params ``embedding`` (num_embeddings, features).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = embed(10, 4)
+        >>> p = layer.init(jax.random.key(0), jnp.zeros((2,), jnp.int32))
+        >>> layer.apply(p, jnp.array([[1, 2, 3]])).shape
+        (1, 3, 4)
+    """
+    init_fn = embedding_init or jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+
+    def init(key: PRNGKeyArray | Scope, x: Example) -> Params:
+        del x
+        return {"embedding": init_fn(param_key(key, 1), (num_embeddings, features), jnp.float32)}
+
+    def apply(params: Params, x: ArrayLike) -> Array:
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"embed: indices must be integers, got {x.dtype}")
+        return jnp.take(params["embedding"], x, axis=0)
+
+    return Layer(init, apply)
+
+
+def _pool(x: ArrayLike, init: float, op: Callable, window: Sequence[int], strides: Sequence[int] | None, padding: Any) -> Array:
+    x = jnp.asarray(x)
+    window = tuple(window)
+    strides = tuple(strides) if strides is not None else (1,) * len(window)
+    if x.ndim != len(window) + 2:
+        raise ValueError(f"pool: input has shape {x.shape}; expected (batch, {len(window)} spatial dims, features)")
+    pad = _padding(padding, len(window), "pool")
+    if not isinstance(pad, str):
+        pad = ((0, 0),) + pad + ((0, 0),)
+    return jax.lax.reduce_window(x, init, op, (1,) + window + (1,), (1,) + strides + (1,), pad)
+
+
+def avg_pool(x: ArrayLike, window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: Any = "VALID") -> Array:
+    """Average over windows (Flax's ``nn.avg_pool``, padding counted): ``(batch, *spatial, features)``."""
+    return _pool(x, 0.0, jax.lax.add, window_shape, strides, padding) / float(jnp.prod(jnp.array(window_shape)))
+
+
+def max_pool(x: ArrayLike, window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: Any = "VALID") -> Array:
+    """The maximum over windows (Flax's ``nn.max_pool``)."""
+    return _pool(x, -jnp.inf, jax.lax.max, window_shape, strides, padding)
