@@ -7,7 +7,8 @@ import tempfile
 
 # XLA's optimisation passes cost more than they save on the tests' tiny programs: compile with
 # most of them off (JAX's own test suite does the same), here and in the scripts the tests run
-# in subprocesses. tests/test_parity.py turns them back on: its figures are what users get.
+# in subprocesses. The forms agree bit for bit at either setting (scripts/parity.py measures the
+# figures of docs/parity.md with XLA's defaults, as users run).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402

@@ -15,16 +15,6 @@ CONFIG = vae.VAEConfig()  # full size: the shapes that matter
 SEED = jax.random.PRNGKey(0xFFFF)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def optimised():
-    """XLA's default optimisations, which the rest of the suite turns off (conftest.py): these
-    figures are the ones a user's programs give."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
 @pytest.fixture(scope="module")
 def batches():
     """The batches each measure sees (random_batch jitted: the same values, one dispatch each rather than ~10)."""
