@@ -87,12 +87,12 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
     if "settings" in meta:
         config = train.TrainConfig.from_settings(meta["settings"])
     else:  # written before runs recorded their settings: the sizes are read from the saved params
-        config = train.TrainConfig(model=vae.config_of(_saved_params(directory, step)))
+        config = train.TrainConfig(model=vae.config_of(_saved_shapes(directory, step)))
     total = meta.get("plan", {}).get("total") or config.total_steps(MNIST_TRAIN)
     return Checkpoint(directory, step, config, total)
 
 
-def _saved_params(directory: Path, step: int) -> dict[str, Any]:
+def _saved_shapes(directory: Path, step: int) -> dict[str, Any]:
     """The saved params as a nested dict of shapes, from orbax's metadata (nothing read but the index)."""
     tree: dict[str, Any] = {}
     for path, (shape, dtype) in checkpoint.saved_leaves(directory, step).items():
@@ -146,6 +146,7 @@ def load(path: str | Path, form: str = "functional", *, step: int | None = None,
 
 
 def _saved_params(directory: Path, step: int) -> dict[str, Any]:
+    """The saved params, as arrays."""
     return jax.tree_util.tree_map(jnp.asarray, checkpoint.restore_raw(directory, step)["params"])
 
 
