@@ -154,6 +154,13 @@ def _nnx_params(model: nnx.Module) -> Any:
     return nnx.as_pure(nnx.state(model, nnx.Param))
 
 
+def _unboxed(params: Any) -> Any:
+    """An NNX module or a ``State`` of ``nnx.Variable`` boxes as a pure params ``State``; anything else as it is."""
+    if isinstance(params, nnx.Module):
+        return _nnx_params(params)
+    return nnx.as_pure(params) if isinstance(params, nnx.State) else params
+
+
 def _leaf_names(params: Any) -> dict[str, tuple[tuple[str, ...], bool]]:
     return _linear_leaf_names(params) if isinstance(params, eqx.Module) else _nnx_leaf_names(params)
 
@@ -202,8 +209,7 @@ def param_names(params: Any) -> Any:
     Example: the leaf for ``model.encoder.layers[0].weight`` is ``'encoder/Dense_0/kernel'``;
     for Flax variables, ``variables['params']['encoder']['Dense_0']['kernel']`` gives the same.
     """
-    if isinstance(params, nnx.Module):
-        params = _nnx_params(params)
+    params = _unboxed(params)
     if isinstance(params, (eqx.Module, nnx.State)):
         names = _leaf_names(params)
 
@@ -221,8 +227,7 @@ def param_names(params: Any) -> Any:
 
 def params_to_functional(params: Any) -> dict:
     """The functional params dict of an Equinox module, an NNX module or params ``State``, Flax variables or a dict."""
-    if isinstance(params, nnx.Module):
-        params = _nnx_params(params)
+    params = _unboxed(params)
     if isinstance(params, (eqx.Module, nnx.State)):
         out: dict = {}
         names = _leaf_names(params)
@@ -250,6 +255,7 @@ def params_from_functional(tree: Mapping, like: Any) -> Any:
     if isinstance(like, nnx.Module):
         graphdef, params, rest = nnx.split(like, nnx.Param, ...)
         return nnx.merge(graphdef, params_from_functional(tree, nnx.as_pure(params)), rest)
+    like = nnx.as_pure(like) if isinstance(like, nnx.State) else like  # a State of boxes is filled as a pure one
     if isinstance(like, (eqx.Module, nnx.State)):
         names = _leaf_names(like)
         leaves_with_path, treedef = _flatten(like)
@@ -354,11 +360,11 @@ def _is_nnx_pair(x: Any) -> bool:
 
 
 def _nnx_pair_to_functional(model: nnx.Module, optimizer: nnx.Optimizer) -> TrainState:
-    params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+    trained = nnx.as_pure(nnx.state(model, optimizer.wrt))  # what the optimiser state is shaped like
     return TrainState(
         step=_step(optimizer.step[...]),  # NNX counts in uint32
-        params=params_to_functional(params),
-        opt_state=opt_state_to_functional(nnx.as_pure(optimizer.opt_state), params),
+        params=params_to_functional(model),  # every param, also those outside wrt
+        opt_state=opt_state_to_functional(nnx.as_pure(optimizer.opt_state), trained),
     )
 
 

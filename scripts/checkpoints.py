@@ -9,7 +9,8 @@ DIR is a run folder (``--out`` of train.py) or its ``checkpoints/`` folder. Expo
 are flat, keyed by their functional path (``encoder/Dense_0/kernel``), as saved (float32).
 ``convert --to FORM FILE`` writes the model in that library's own format (equinox: ``.eqx``
 by ``eqx.tree_serialise_leaves``; flax: ``.msgpack`` by ``flax.serialization.to_bytes``;
-functional: ``.safetensors`` or ``.npz``) and prints the Python that loads it.
+nnx: an orbax checkpoint folder of ``nnx.state(model)`` as a pure dict; functional:
+``.safetensors`` or ``.npz``) and prints the Python that loads it.
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "export":
             sub.add_argument("target", type=Path, help="output file: .npz or .safetensors")
         if name == "convert":
-            sub.add_argument("--to", required=True, metavar="FORM", help="functional, equinox or flax")
-            sub.add_argument("target", type=Path, help="output file: .eqx (equinox), .msgpack (flax), .safetensors or .npz (functional)")
+            sub.add_argument("--to", required=True, metavar="FORM", help="functional, equinox, flax or nnx")
+            sub.add_argument("target", type=Path, help="output: .eqx (equinox), .msgpack (flax), .safetensors or .npz (functional), "
+                             "a new folder (nnx: an orbax checkpoint)")
         if name != "list":
             sub.add_argument("--step", type=int, default=None, help="which step (default: the latest)")
     args = parser.parse_args(argv)
@@ -148,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         parser.error(f"{args.target}: cannot write it ({err.strerror or err})")
     except Exception as err:  # orbax reports unreadable array files in several error types
-        parser.error(f"checkpoint step {step} cannot be read ({type(err).__name__}); pick another --step")
+        reason = (str(err).splitlines() or [""])[0][:160]
+        parser.error(f"step {step} of {directory} could not be {'converted' if args.command == 'convert' else 'exported'} "
+                     f"({type(err).__name__}: {reason}); if its files are damaged, pick another --step")
     return 0
 
 

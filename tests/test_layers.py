@@ -136,3 +136,13 @@ def test_pooling_is_linens(pool, kwargs):
 def test_bad_input_names_the_culprit(call, named):
     with pytest.raises(ValueError, match=named):
         call()
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int32, jnp.bfloat16])
+def test_convolutions_promote_their_input_as_linen_does(dtype):
+    x = (jnp.arange(2 * 6 * 6 * 2).reshape(2, 6, 6, 2) % 7).astype(dtype)  # uint8 pixels, say
+    for layer, module in ((nn.conv(3, (3, 3)), linen.Conv(3, (3, 3))), (nn.conv_transpose(3, (3, 3)), linen.ConvTranspose(3, (3, 3)))):
+        params = layer.init(KEY, x)
+        got, want = layer.apply(params, x), module.apply({"params": params}, x)
+        assert got.dtype == want.dtype == jnp.float32
+        np.testing.assert_array_equal(got, want)

@@ -191,3 +191,21 @@ def test_functional_nnx_equinox_linen_nnx_functional_is_bit_for_bit():
     again = migrate(variables, like=nnx_vae(4))
     assert leaves_equal(to_functional(again), start)
     assert (np.asarray(eqx_model.encoder.layers[0].weight) == np.asarray(start["encoder"]["Dense_0"]["kernel"]).T).all()
+
+
+def test_a_state_of_nnx_variables_converts_as_its_pure_arrays():
+    model = nnx_vae(2)
+    boxed = nnx.state(model, nnx.Param)  # what nnx.state and nnx.split hand out: Param boxes
+    assert leaves_equal(to_functional(boxed), to_functional(model))
+    filled = from_functional(vae.init(jax.random.PRNGKey(0), CFG), like=boxed)
+    assert leaves_equal(to_functional(filled), vae.init(jax.random.PRNGKey(0), CFG))
+
+
+def test_a_pair_whose_optimiser_trains_part_of_the_model_round_trips():
+    wrt = nnx.All(nnx.Param, nnx.PathContains("encoder"))
+    model = from_functional(vae.init(jax.random.PRNGKey(0), CFG), like=nnx_vae())
+    state = to_functional((model, nnx.Optimizer(model, optax.adam(1e-3), wrt=wrt)))
+    assert set(state.params) == set(vae.init(jax.random.PRNGKey(0), CFG))  # every param, not only the trained ones
+    other = nnx_vae(5)
+    model_b, optimizer_b = from_functional(state, like=(other, nnx.Optimizer(other, optax.adam(1e-3), wrt=wrt)))
+    assert leaves_equal(to_functional((model_b, optimizer_b)), state)

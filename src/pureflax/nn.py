@@ -438,6 +438,14 @@ def _check_conv_input(where: str, x: Any, spatial: int, in_features: int | None 
         raise ValueError(f"{where}: input has {shape[-1]} features but the kernel expects {in_features}")
 
 
+def _promoted(x: ArrayLike, kernel: ArrayLike) -> tuple[Array, Array]:
+    """Input and kernel in their common float dtype, as Flax's ``promote_dtype`` (uint8 pixels work)."""
+    dtype = jnp.result_type(x, kernel)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = jnp.promote_types(jnp.float32, dtype)
+    return jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
+
+
 def _add_bias(y: Array, bias: Array) -> Array:
     return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
 
@@ -489,8 +497,7 @@ def conv(
         return params
 
     def apply(params: Params, x: ArrayLike) -> Array:
-        x = jnp.asarray(x)
-        kernel = params["kernel"]
+        x, kernel = _promoted(x, params["kernel"])
         _check_conv_input(where, x, n, kernel.shape[-2] * feature_group_count)
         y = jax.lax.conv_general_dilated(
             x, kernel, strides_, pad, lhs_dilation=in_dil, rhs_dilation=k_dil,
@@ -544,8 +551,7 @@ def conv_transpose(
         return params
 
     def apply(params: Params, x: ArrayLike) -> Array:
-        x = jnp.asarray(x)
-        kernel = params["kernel"]
+        x, kernel = _promoted(x, params["kernel"])
         _check_conv_input(where, x, n, kernel.shape[-1] if transpose_kernel else kernel.shape[-2])
         y = jax.lax.conv_transpose(x, kernel, strides_, pad, rhs_dilation=k_dil, transpose_kernel=transpose_kernel)
         return _add_bias(y, params["bias"]) if use_bias else y
