@@ -146,3 +146,11 @@ def test_convolutions_promote_their_input_as_linen_does(dtype):
         got, want = layer.apply(params, x), module.apply({"params": params}, x)
         assert got.dtype == want.dtype == jnp.float32
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_bf16_normalisation_without_params_stays_bf16_as_linens():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8)).astype(jnp.bfloat16)
+    layer, module = nn.layer_norm(use_scale=False, use_bias=False), linen.LayerNorm(use_scale=False, use_bias=False)
+    got, want = layer.apply({}, x), module.apply({}, x)
+    assert got.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -577,7 +577,8 @@ def _normalize(params: Params, x: Array, mean: Array, var: Array, reduction_axes
     y = y * mul
     if use_bias:
         y = y + params["bias"].reshape(feature_shape)
-    return y
+    # the statistics are float32 at least; the output takes the input's and the params' dtype, as Flax's
+    return jnp.asarray(y, jnp.result_type(x, *(params[k] for k in ("scale", "bias") if k in params)))
 
 
 def _norm_params(key: PRNGKeyArray | Scope, features: int, use_scale: bool, use_bias: bool) -> Params:
