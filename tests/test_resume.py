@@ -1,9 +1,9 @@
 """Runs that lose nothing: kill -9 and resume, signals, damage, settings, locks, a full disk, NaN.
 
-Real processes only where the process is the point (kill -9, SIGINT, a closed pipe); every
-other fault is injected in-process at a set step through ``fit``'s hook (a crash there is what
-a kill looks like from inside: nothing after it runs), so the cases are deterministic — the
-per-step loop's resume and every form's included.
+Real processes only where the process is the point (kill -9 of the fused and the per-step
+loop, SIGINT, a closed pipe); every other fault is injected in-process at a set step through
+``fit``'s hook (a crash there is what a kill looks like from inside: nothing after it runs), so
+the cases are deterministic — every form's resume included.
 """
 
 import errno
@@ -162,13 +162,14 @@ def wait_for_checkpoint(process, out, at_least, timeout=240):
     return False
 
 
-def test_kill_9_and_resume_ends_where_the_uninterrupted_run_ends_and_the_lock_holds_meanwhile(data, tmp_path, reference, capsys):
-    # A real process, fused (the default); the per-step loop's resume is the crash test below.
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "per-step"])
+def test_kill_9_and_resume_ends_where_the_uninterrupted_run_ends_and_the_lock_holds_meanwhile(data, tmp_path, reference, capsys, fuse):
+    extra = [] if fuse else ["--no-fuse"]  # a real process for each loop: where a kill lands differs
     out = tmp_path / "out"
-    process = start(args_for(data, out))
+    process = start(args_for(data, out, *extra))
     reached = wait_for_checkpoint(process, out, at_least=20)
     # a second run, or a resume, on the folder while the first one trains: refused at once, naming the holder
-    for second in (args_for(data, out), args_for(data, out, "--overwrite"), args_for(data, out, "--resume")):
+    for second in (args_for(data, out, *extra), args_for(data, out, *extra, "--overwrite"), args_for(data, out, *extra, "--resume")):
         code, _, err = cli(capsys, second)
         assert code == 2 and f"in use by another run (pid {process.pid})" in err and err.count("\n") == 1, err
     process.send_signal(signal.SIGKILL)
@@ -177,10 +178,10 @@ def test_kill_9_and_resume_ends_where_the_uninterrupted_run_ends_and_the_lock_ho
     killed_at = max(committed(out))
     assert killed_at < 60
     assert (out / ".lock").read_text().strip() == str(process.pid)  # a dead holder's lock does not block
-    code, stdout, err = cli(capsys, args_for(data, out, "--resume"))
+    code, stdout, err = cli(capsys, args_for(data, out, *extra, "--resume"))
     assert code == 0, err
     assert f"resuming from step {killed_at}" in stdout
-    assert_same_run(out, reference())
+    assert_same_run(out, reference("functional", fuse))
 
 
 def test_sigint_saves_prints_how_to_resume_and_exits_130(data, tmp_path, reference, capsys):
@@ -202,11 +203,10 @@ def test_sigint_saves_prints_how_to_resume_and_exits_130(data, tmp_path, referen
 # --- in-process faults at a set step ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend, fuse", [("equinox", True), ("flax", True), ("nnx", True), ("functional", False)],
-                         ids=["equinox", "flax", "nnx", "functional-per-step"])
-def test_a_crash_between_checkpoints_resumes_exactly_in_every_form(data, tmp_path, reference, capsys, backend, fuse):
+@pytest.mark.parametrize("backend", ["equinox", "flax", "nnx"])
+def test_a_crash_between_checkpoints_resumes_exactly_in_every_form(data, tmp_path, reference, capsys, backend):
     out = tmp_path / "out"
-    extra = ["--backend", backend, *([] if fuse else ["--no-fuse"])]
+    extra = ["--backend", backend]
     crashed_run(data, out, 24, *extra)
     assert committed(out) == [10, 20]
     code, stdout, err = cli(capsys, args_for(data, out, *extra, "--resume"))
@@ -214,7 +214,7 @@ def test_a_crash_between_checkpoints_resumes_exactly_in_every_form(data, tmp_pat
     assert "resuming from step 20" in stdout
     # Linen and NNX compute the functional form's numbers bit for bit (tests/test_parity.py):
     # the functional run is their uninterrupted run too; Equinox's rounds differently.
-    assert_same_run(out, reference("equinox" if backend == "equinox" else "functional", fuse))
+    assert_same_run(out, reference("equinox" if backend == "equinox" else "functional"))
 
 
 def test_sigterm_saves_where_it_stopped_and_exits_143(data, tmp_path, reference, capsys, monkeypatch):
