@@ -176,9 +176,7 @@ def dense(
         kernel = params["kernel"]
         _check_last_dim("dense", x, kernel)
         y = jnp.dot(x, kernel)
-        if use_bias:
-            y = y + jnp.reshape(params["bias"], (1,) * (y.ndim - 1) + (-1,))  # explicit rank
-        return y
+        return _add_bias(y, params["bias"]) if use_bias else y
 
     return Layer(init, apply)
 
@@ -447,6 +445,7 @@ def _promoted(x: ArrayLike, kernel: ArrayLike) -> tuple[Array, Array]:
 
 
 def _add_bias(y: Array, bias: Array) -> Array:
+    """``y + bias`` over the last axis, the rank spelled out (rank promotion is an error in the tests)."""
     return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
 
 
