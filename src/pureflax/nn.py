@@ -444,7 +444,7 @@ def _promoted(x: ArrayLike, kernel: ArrayLike) -> tuple[Array, Array]:
     return jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
 
 
-def _add_bias(y: Array, bias: Array) -> Array:
+def _add_bias(y: Array, bias: ArrayLike) -> Array:
     """``y + bias`` over the last axis, the rank spelled out (rank promotion is an error in the tests)."""
     return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
 
