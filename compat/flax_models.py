@@ -18,11 +18,23 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.training import train_state
 from jax.typing import ArrayLike
+
+
+class TrainState(train_state.TrainState):
+    """Flax's ``TrainState`` with the ``batch_stats`` collection, as the Flax docs write it for BatchNorm.
+
+    The step updates it from ``apply(..., mutable=['batch_stats'])``:
+    ``state.apply_gradients(grads=grads).replace(batch_stats=updates['batch_stats'])``.
+    """
+
+    batch_stats: Any = None
 
 
 class Model(nn.Module):
