@@ -17,7 +17,7 @@ Example:
     >>> norm, state = eqx.nn.make_with_state(BatchNorm)(2)
     >>> x = jnp.array([[[0.0]], [[2.0]]]).repeat(2, axis=1)  # (batch 2, channels 2, 1 pixel)
     >>> y, state = jax.vmap(norm, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
-    >>> y[:, 0, 0].round(3).tolist(), state.get(norm.state_index)[0].round(3).tolist()
+    >>> [round(float(v), 3) for v in y[:, 0, 0]], [round(float(v), 3) for v in state.get(norm.state_index)[0]]
     ([-1.0, 1.0], [0.01, 0.01])
 """
 
