@@ -24,10 +24,11 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.training.train_state import TrainState as FlaxTrainState
 
-from pureflax import nn, vae
+from pureflax import convvae, models, nn, vae
 from pureflax.backend import Backend, functional_backend, functional_init
 from pureflax.compat import convert, equinox_models, flax_models, nnx_models
 from pureflax.state import TrainState
+from pureflax.step import BATCH_STATS, MODEL_STATE
 
 
 def module_sizes(config: vae.VAEConfig) -> dict:
@@ -42,8 +43,21 @@ def module_sizes(config: vae.VAEConfig) -> dict:
     )
 
 
-def equinox_backend(config: vae.VAEConfig) -> Backend:
+def conv_sizes(config: convvae.ConvVAEConfig) -> dict:
+    """The keyword arguments of the Equinox, NNX and Linen ``ConvVAE`` constructors for ``config``."""
+    return dict(latent_dim=config.latent_dim, features=config.features, num_classes=config.num_classes,
+                image_size=config.image_size, activation_fn=nn.activation(config.activation),
+                momentum=config.momentum, epsilon=config.epsilon)
+
+
+def _create_state(params: Any, tx, model_state: Any = None) -> TrainState:
+    return TrainState.create(params, tx, model_state)
+
+
+def equinox_backend(config: models.ModelConfig) -> Backend:
     """Params are an ``equinox_models.VAE``; state a :class:`pureflax.TrainState` holding it."""
+    if models.kind_of(config) == "conv":
+        return _equinox_conv_backend(config)
     init = functional_init(config)
 
     def build(key: jax.Array) -> equinox_models.VAE:
@@ -59,7 +73,7 @@ def equinox_backend(config: vae.VAEConfig) -> Backend:
         name="equinox",
         init_params=init_params,
         param_names=convert.param_names,
-        create_state=TrainState.create,
+        create_state=_create_state,
         apply=equinox_models.batched_apply,
         apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
         to_functional=convert.to_functional,
@@ -67,8 +81,34 @@ def equinox_backend(config: vae.VAEConfig) -> Backend:
     )
 
 
-def flax_backend(config: vae.VAEConfig) -> Backend:
+def _equinox_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
+    """Params are an ``equinox_models.ConvVAE``; its BatchNorm statistics an ``eqx.nn.State`` in ``model_state``."""
+    init, functional = functional_init(config), models.of(config)
+
+    def build(key: jax.Array):
+        return eqx.nn.make_with_state(equinox_models.ConvVAE)(**conv_sizes(config), key=key)
+
+    skeleton, state_skeleton = eqx.filter_eval_shape(build, jax.random.PRNGKey(0))
+
+    def init_params(key: jax.Array, native: bool) -> equinox_models.ConvVAE:
+        return build(key)[0] if native else convert.from_functional(init(key), like=skeleton)
+
+    def apply(params, model_state, x, c, key, *, train: bool):
+        return equinox_models.batched_apply_stateful(params, model_state, x, c, key, train=train)
+
+    return Backend(
+        name="equinox", init_params=init_params, param_names=convert.param_names, create_state=_create_state,
+        apply=apply, apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
+        to_functional=convert.to_functional, from_functional=convert.from_functional,
+        init_model_state=lambda: convert.state_from_functional(functional.init_state(), state_skeleton, skeleton),
+        slot=MODEL_STATE,
+    )
+
+
+def flax_backend(config: models.ModelConfig) -> Backend:
     """Params are Flax variables ``{'params': ...}``; state Flax's own ``TrainState``."""
+    if models.kind_of(config) == "conv":
+        return _flax_conv_backend(config)
     init = functional_init(config)
     model = flax_models.VAE(
         encoder_dimensions=config.encoder_dimensions,
@@ -84,7 +124,8 @@ def flax_backend(config: vae.VAEConfig) -> Backend:
             return jax.jit(model.init)(key, x, c, jax.random.PRNGKey(0))  # the tutorial's model.init
         return {"params": init(key)}
 
-    def create_state(params: dict, tx) -> FlaxTrainState:
+    def create_state(params: dict, tx, model_state: Any = None) -> FlaxTrainState:
+        del model_state  # the MLP has none
         return FlaxTrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
     return Backend(
@@ -99,17 +140,51 @@ def flax_backend(config: vae.VAEConfig) -> Backend:
     )
 
 
-def nnx_model(config: vae.VAEConfig, rngs: nnx.Rngs) -> nnx_models.VAE:
-    """The NNX VAE of ``config``'s sizes."""
+def _flax_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
+    """Params are ``{'params': ...}``; state ``flax_models.TrainState``, BatchNorm's statistics in its ``batch_stats``."""
+    init, functional = functional_init(config), models.of(config)
+    model = flax_models.ConvVAE(**conv_sizes(config))
+
+    def init_params(key: jax.Array, native: bool) -> dict:
+        if native:
+            x, c = jnp.zeros((1, config.input_dim)), jnp.zeros((1, config.num_classes))
+            return {"params": jax.jit(model.init)(key, x, c, jax.random.PRNGKey(0))["params"]}
+        return {"params": init(key)}
+
+    def create_state(params: dict, tx, model_state: Any = None) -> flax_models.TrainState:
+        return flax_models.TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=model_state)
+
+    def apply(params, model_state, x, c, key, *, train: bool):
+        variables = {**params, "batch_stats": model_state}
+        if not train:
+            return model.apply(variables, x, c, key, train=False), model_state
+        out, updates = model.apply(variables, x, c, key, train=True, mutable=["batch_stats"])
+        return out, updates["batch_stats"]
+
+    return Backend(
+        name="flax", init_params=init_params, param_names=convert.param_names, create_state=create_state,
+        apply=apply, apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads)),
+        to_functional=convert.to_functional, from_functional=convert.from_functional,
+        init_model_state=functional.init_state, slot=BATCH_STATS,
+    )
+
+
+def nnx_model(config: models.ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The NNX VAE (MLP or conv) of ``config``'s sizes."""
+    if models.kind_of(config) == "conv":
+        return nnx_models.ConvVAE(**conv_sizes(config), rngs=rngs)
     return nnx_models.VAE(**module_sizes(config), rngs=rngs)
 
 
-def nnx_backend(config: vae.VAEConfig) -> Backend:
+def nnx_backend(config: models.ModelConfig) -> Backend:
     """Params are the NNX VAE's params ``State`` (pure arrays); the module is split once.
 
     ``nnx.split`` of a shapes-only module gives the graph; ``apply`` merges it with the
     params inside the shared jitted step, so the step runs on a plain pytree, as every form's.
+    The conv VAE's ``nnx.BatchStat`` variables are split off as the model state.
     """
+    if models.kind_of(config) == "conv":
+        return _nnx_conv_backend(config)
     init = functional_init(config)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: nnx_model(config, nnx.Rngs(0))), nnx.Param)
     like = nnx.as_pure(abstract)
@@ -126,7 +201,7 @@ def nnx_backend(config: vae.VAEConfig) -> Backend:
         name="nnx",
         init_params=init_params,
         param_names=convert.param_names,
-        create_state=TrainState.create,
+        create_state=_create_state,
         apply=apply,
         apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
         to_functional=convert.to_functional,
@@ -134,7 +209,32 @@ def nnx_backend(config: vae.VAEConfig) -> Backend:
     )
 
 
-BACKENDS: dict[str, Callable[[vae.VAEConfig], Backend]] = {
+def _nnx_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
+    """Params the ``nnx.Param`` State, model state the ``nnx.BatchStat`` State, both pure arrays."""
+    init, functional = functional_init(config), models.of(config)
+    graphdef, abstract, abstract_stats = nnx.split(nnx.eval_shape(lambda: nnx_model(config, nnx.Rngs(0))), nnx.Param, nnx.BatchStat)
+    like, like_stats = nnx.as_pure(abstract), nnx.as_pure(abstract_stats)
+
+    def init_params(key: jax.Array, native: bool) -> Any:
+        if native:
+            return nnx.as_pure(nnx.state(nnx_model(config, nnx.Rngs(params=key)), nnx.Param))
+        return convert.from_functional(init(key), like=like)
+
+    def apply(params, model_state, x, c, key, *, train: bool):
+        model = nnx.merge(graphdef, params, model_state)
+        out = model(x, c, key, train=train)
+        return out, nnx.as_pure(nnx.state(model, nnx.BatchStat))
+
+    return Backend(
+        name="nnx", init_params=init_params, param_names=convert.param_names, create_state=_create_state,
+        apply=apply, apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
+        to_functional=convert.to_functional, from_functional=convert.from_functional,
+        init_model_state=lambda: convert.state_from_functional(functional.init_state(), like_stats, None),
+        slot=MODEL_STATE,
+    )
+
+
+BACKENDS: dict[str, Callable[[models.ModelConfig], Backend]] = {
     "functional": functional_backend,
     "equinox": equinox_backend,
     "flax": flax_backend,
@@ -142,7 +242,7 @@ BACKENDS: dict[str, Callable[[vae.VAEConfig], Backend]] = {
 }
 
 
-def get_backend(name: str, config: vae.VAEConfig) -> Backend:
+def get_backend(name: str, config: models.ModelConfig) -> Backend:
     """The backend called ``name`` for a model of ``config``'s sizes."""
     try:
         return BACKENDS[name](config)

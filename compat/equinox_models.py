@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import ClassVar
 
 import equinox as eqx
@@ -27,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from beartype import beartype
 from jaxtyping import Array, Float, PRNGKeyArray, jaxtyped
+
+from pureflax.compat.eqx_layers import BatchNorm, vmap_stateful
 
 ArrayIn = Array | np.ndarray  # inputs may be jax or NumPy arrays
 
@@ -164,3 +167,99 @@ def batched_apply(
     mean, logvar = jax.vmap(model.encode)(x)
     z = VAE.reparam(mean, logvar, key)
     return jax.vmap(model.decode)(z, c), mean, logvar
+
+
+# ------------------------------------------------------------------ the convolutional VAE
+# One example at a time, channels first (C, H, W), as Equinox layers take it. Flax's 'SAME'
+# with stride 2 pads (0, 1) — more on the high side — so the convolutions say so explicitly;
+# the transposed ones use the padding of the convolution they invert, which gives Flax's
+# ConvTranspose 'SAME'. Flattening goes through (H, W, C) so the Dense rows are in Flax's order.
+_SAME_STRIDE_2 = ((0, 1), (0, 1))
+
+
+class ConvEncoder(eqx.Module):
+    conv_0: eqx.nn.Conv2d
+    norm_0: BatchNorm
+    conv_1: eqx.nn.Conv2d
+    activation_fn: Callable[[Array], Array] = eqx.field(static=True)
+
+    def __init__(self, features: tuple[int, int], activation_fn, momentum: float, epsilon: float, *, key: PRNGKeyArray):
+        k0, k1 = jax.random.split(key)
+        self.conv_0 = eqx.nn.Conv2d(1, features[0], 3, stride=2, padding=_SAME_STRIDE_2, key=k0)
+        self.norm_0 = BatchNorm(features[0], momentum=momentum, eps=epsilon)
+        self.conv_1 = eqx.nn.Conv2d(features[0], features[1], 3, stride=2, padding=_SAME_STRIDE_2, key=k1)
+        self.activation_fn = activation_fn
+
+    def __call__(self, x: Array, state: eqx.nn.State, *, train: bool) -> tuple[Array, eqx.nn.State]:
+        h, state = self.norm_0(self.conv_0(x), state, inference=not train)
+        return self.activation_fn(self.conv_1(self.activation_fn(h))), state
+
+
+class ConvDecoder(eqx.Module):
+    deconv_0: eqx.nn.ConvTranspose2d
+    norm_0: BatchNorm
+    deconv_1: eqx.nn.ConvTranspose2d
+    activation_fn: Callable[[Array], Array] = eqx.field(static=True)
+
+    def __init__(self, features: tuple[int, int], activation_fn, momentum: float, epsilon: float, *, key: PRNGKeyArray):
+        k0, k1 = jax.random.split(key)
+        self.deconv_0 = eqx.nn.ConvTranspose2d(features[1], features[0], 3, stride=2, padding=_SAME_STRIDE_2, key=k0)
+        self.norm_0 = BatchNorm(features[0], momentum=momentum, eps=epsilon)
+        self.deconv_1 = eqx.nn.ConvTranspose2d(features[0], 1, 3, stride=2, padding=_SAME_STRIDE_2, key=k1)
+        self.activation_fn = activation_fn
+
+    def __call__(self, x: Array, state: eqx.nn.State, *, train: bool) -> tuple[Array, eqx.nn.State]:
+        h, state = self.norm_0(self.deconv_0(x), state, inference=not train)
+        return self.activation_fn(self.deconv_1(self.activation_fn(h))), state
+
+
+class ConvVAE(eqx.Module):
+    """The convolutional VAE (``pureflax.convvae``) in Equinox; BatchNorm state in an ``eqx.nn.State``.
+
+    Build it with ``eqx.nn.make_with_state(ConvVAE)(..., key=key)``; methods take one example
+    and run under ``jax.vmap(..., axis_name="batch")`` (see :func:`batched_apply_stateful`).
+    """
+
+    encoder: ConvEncoder
+    pre_latent_proj: eqx.nn.Linear
+    post_latent_proj: eqx.nn.Linear
+    class_proj: eqx.nn.Linear
+    decoder: ConvDecoder
+    activation_fn: Callable[[Array], Array] = eqx.field(static=True)
+    image_size: int = eqx.field(static=True)
+    bottleneck: tuple[int, int, int] = eqx.field(static=True)
+
+    def __init__(self, latent_dim: int = 32, features: tuple[int, int] = (16, 32), num_classes: int = 10,
+                 image_size: int = 28, activation_fn: Callable[[Array], Array] = jax.nn.relu,
+                 momentum: float = 0.99, epsilon: float = 1e-5, *, key: PRNGKeyArray):
+        k_enc, k_pre, k_post, k_class, k_dec = jax.random.split(key, 5)
+        side = image_size // 4
+        flat = side * side * features[1]
+        self.encoder = ConvEncoder(features, activation_fn, momentum, epsilon, key=k_enc)
+        self.pre_latent_proj = eqx.nn.Linear(flat, latent_dim * 2, key=k_pre)
+        self.post_latent_proj = eqx.nn.Linear(latent_dim, flat, key=k_post)
+        self.class_proj = eqx.nn.Linear(num_classes, flat, key=k_class)
+        self.decoder = ConvDecoder(features, activation_fn, momentum, epsilon, key=k_dec)
+        self.activation_fn, self.image_size, self.bottleneck = activation_fn, image_size, (side, side, features[1])
+
+    def encode(self, x: Array, state: eqx.nn.State, *, train: bool) -> tuple[tuple[Array, Array], eqx.nn.State]:
+        """One example's ``(mean, logvar)``; ``x`` is (image_size²,)."""
+        h, state = self.encoder(jnp.reshape(x, (1, self.image_size, self.image_size)), state, train=train)
+        mean, logvar = jnp.split(self.pre_latent_proj(jnp.transpose(h, (1, 2, 0)).reshape(-1)), 2)  # (H, W, C) order
+        return (mean, logvar), state
+
+    def decode(self, z: Array, c: Array, state: eqx.nn.State, *, train: bool) -> tuple[Array, eqx.nn.State]:
+        """One example's image (image_size²,) from ``z`` and one-hot ``c``."""
+        h = self.activation_fn(self.post_latent_proj(z) + self.class_proj(c))
+        h, state = self.decoder(jnp.transpose(h.reshape(self.bottleneck), (2, 0, 1)), state, train=train)
+        return jnp.transpose(h, (1, 2, 0)).reshape(-1), state
+
+
+def batched_apply_stateful(model: ConvVAE, state: eqx.nn.State, x: Array, c: Array, key: PRNGKeyArray, *,
+                           train: bool) -> tuple[tuple[Array, Array, Array], eqx.nn.State]:
+    """The conv VAE over a batch: ``((recon, mean, logvar), state)``, noise drawn for the whole batch from ``key``."""
+    (mean, logvar), state = vmap_stateful(partial(model.encode, train=train))(x, state)
+    z = jax.random.normal(key, mean.shape) * jnp.exp(logvar * 0.5) + mean
+    recon, state = jax.vmap(partial(model.decode, train=train), axis_name="batch", in_axes=(0, 0, None),
+                            out_axes=(0, None))(z, c, state)
+    return (recon, mean, logvar), state

@@ -100,3 +100,66 @@ def _check_width(name: str, x: ArrayLike, layer: nnx.Linear, what: str) -> None:
     shape, expected = tuple(jnp.shape(x)), layer.in_features
     if len(shape) != 2 or shape[-1] != expected:
         raise ValueError(f"VAE: argument {name} has shape {shape}; expected (batch, {expected}) {what}")
+
+
+class ConvEncoder(nnx.Module):
+    """Two stride-2 3×3 convolutions, BatchNorm after the first (``pureflax.convvae``'s encoder)."""
+
+    def __init__(self, features: tuple[int, int], activation_fn: Callable, momentum: float, epsilon: float, *, rngs: nnx.Rngs):
+        self.conv_0 = nnx.Conv(1, features[0], (3, 3), strides=2, rngs=rngs)
+        self.norm_0 = nnx.BatchNorm(features[0], momentum=momentum, epsilon=epsilon, rngs=rngs)
+        self.conv_1 = nnx.Conv(features[0], features[1], (3, 3), strides=2, rngs=rngs)
+        self.activation_fn = activation_fn
+
+    def __call__(self, x: ArrayLike, train: bool) -> jax.Array:
+        x = self.norm_0(self.conv_0(x), use_running_average=not train)
+        return self.activation_fn(self.conv_1(self.activation_fn(x)))
+
+
+class ConvDecoder(nnx.Module):
+    """Two stride-2 3×3 transposed convolutions, BatchNorm after the first."""
+
+    def __init__(self, features: tuple[int, int], activation_fn: Callable, momentum: float, epsilon: float, *, rngs: nnx.Rngs):
+        self.deconv_0 = nnx.ConvTranspose(features[1], features[0], (3, 3), strides=2, rngs=rngs)
+        self.norm_0 = nnx.BatchNorm(features[0], momentum=momentum, epsilon=epsilon, rngs=rngs)
+        self.deconv_1 = nnx.ConvTranspose(features[0], 1, (3, 3), strides=2, rngs=rngs)
+        self.activation_fn = activation_fn
+
+    def __call__(self, x: ArrayLike, train: bool) -> jax.Array:
+        x = self.norm_0(self.deconv_0(x), use_running_average=not train)
+        return self.activation_fn(self.deconv_1(self.activation_fn(x)))
+
+
+class ConvVAE(nnx.Module):
+    """The convolutional VAE (``pureflax.convvae``) in NNX; BatchNorm's statistics are ``nnx.BatchStat``.
+
+    ``model(x, c, key, train=True)`` normalises with the batch's statistics and updates the
+    running ones in place, as NNX modules do; ``train=False`` uses the running ones.
+    """
+
+    def __init__(self, latent_dim: int = 32, features: tuple[int, int] = (16, 32), num_classes: int = 10,
+                 image_size: int = 28, activation_fn: Callable = jax.nn.relu, momentum: float = 0.99,
+                 epsilon: float = 1e-5, *, rngs: nnx.Rngs):
+        side = image_size // 4
+        flat = side * side * features[1]
+        self.encoder = ConvEncoder(features, activation_fn, momentum, epsilon, rngs=rngs)
+        self.pre_latent_proj = nnx.Linear(flat, latent_dim * 2, rngs=rngs)
+        self.post_latent_proj = nnx.Linear(latent_dim, flat, rngs=rngs)
+        self.class_proj = nnx.Linear(num_classes, flat, rngs=rngs)
+        self.decoder = ConvDecoder(features, activation_fn, momentum, epsilon, rngs=rngs)
+        self.activation_fn, self.image_size, self.bottleneck = activation_fn, image_size, (side, side, features[1])
+
+    def encode(self, x: ArrayLike, train: bool) -> tuple[jax.Array, jax.Array]:
+        h = self.encoder(jnp.reshape(x, (x.shape[0], self.image_size, self.image_size, 1)), train)
+        mean, logvar = jnp.split(self.pre_latent_proj(jnp.reshape(h, (h.shape[0], -1))), 2, axis=-1)
+        return mean, logvar
+
+    def decode(self, z: ArrayLike, c: ArrayLike, train: bool) -> jax.Array:
+        h = self.activation_fn(self.post_latent_proj(z) + self.class_proj(c))
+        h = self.decoder(jnp.reshape(h, (h.shape[0], *self.bottleneck)), train)
+        return jnp.reshape(h, (h.shape[0], -1))
+
+    def __call__(self, x: ArrayLike, c: ArrayLike, key: jax.Array, train: bool = False):
+        mean, logvar = self.encode(x, train)
+        z = jax.random.normal(key, jnp.shape(mean)) * jnp.exp(logvar * 0.5) + mean
+        return self.decode(z, c, train), mean, logvar

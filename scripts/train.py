@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 BACKENDS = ("functional", "equinox", "flax", "nnx")  # pureflax.compat.backends.BACKENDS, without importing it for --help
+MODELS = ("mlp", "conv")  # pureflax.models.KINDS
 
 
 class Parser(argparse.ArgumentParser):
@@ -73,6 +74,7 @@ def path_list(text: str) -> tuple[str, ...]:
 def build_parser() -> Parser:
     p = Parser(prog="train.py", description="Train the tutorial's class-conditioned VAE on MNIST.")
     p.add_argument("--backend", choices=BACKENDS, default="functional", help="model form to train (default functional)")
+    p.add_argument("--model", choices=MODELS, default="mlp", help="mlp: the tutorial's VAE (default); conv: convolutional with BatchNorm")
     p.add_argument("--epochs", type=positive_int, default=10, help="epochs (default 10)")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in all")
     p.add_argument("--batch-size", type=positive_int, default=16, help="batch size (default 16)")
@@ -110,16 +112,16 @@ def configure(args: argparse.Namespace):
     """Flags to a TrainConfig; raises ValueError naming the flag on a bad combination."""
     import jax
 
-    from pureflax import optim, vae
+    from pureflax import models, optim
     from pureflax.train import TrainConfig
 
-    model = vae.VAEConfig(latent_dim=args.latent_dim)
+    model = models.KINDS[args.model](latent_dim=args.latent_dim)
     optimizer = optim.OptimConfig(
         optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
         end_lr=args.end_lr, clip_norm=args.clip_norm, ema=args.ema, grad_accum=args.grad_accum, freeze=args.freeze,
     )
     if args.freeze:  # check the paths now, on shapes only, before any data is loaded
-        optim.freeze_labels(jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), model)), args.freeze)
+        optim.freeze_labels(jax.eval_shape(lambda: models.of(model).init(jax.random.PRNGKey(0))), args.freeze)
     return TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, kl_weight=args.kl_weight,
         seed=args.seed, log_every=args.log_every, native_init=args.init == "native", model=model, optim=optimizer,

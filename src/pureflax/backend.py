@@ -23,9 +23,9 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from pureflax import optim, vae
+from pureflax import models, optim, vae
 from pureflax.state import TrainState
-from pureflax.step import ApplyFn, default_apply_gradients
+from pureflax.step import MODEL_STATE, ApplyFn, StateSlot, default_apply_gradients
 
 
 class Backend(NamedTuple):
@@ -34,25 +34,35 @@ class Backend(NamedTuple):
     name: str
     init_params: Callable[[jax.Array, bool], Any]  # (key, native) -> params in this form
     param_names: Callable[[Any], Any]  # params -> same tree of functional paths ('encoder/Dense_0/kernel')
-    create_state: Callable[[Any, optax.GradientTransformation], Any]  # (params, tx) -> state
-    apply: ApplyFn  # (state.params, x, c, key) -> (recon, mean, logvar), batched
+    create_state: Callable[..., Any]  # (params, tx, model_state) -> state
+    apply: ApplyFn  # (state.params, x, c, key) -> (recon, mean, logvar), batched; stateful: see step.StatefulApplyFn
     apply_gradients: Callable[[optax.GradientTransformation], Callable[[Any, Any], Any]]  # tx -> (state, grads) -> state
     to_functional: Callable[[Any], Any]  # state or params -> functional TrainState or params dict
     from_functional: Callable[[Any, Any], Any]  # (functional tree, like) -> like's form
+    init_model_state: Callable[[], Any] = dict  # () -> the model's initial state in this form ({}: none)
+    slot: StateSlot | None = None  # where the state keeps the model state; None for a stateless model
+
+    @property
+    def stateful(self) -> bool:
+        return self.slot is not None
+
+    def model_state(self, state: Any) -> Any:
+        """The model state ``state`` holds (``None`` for a stateless model)."""
+        return None if self.slot is None else self.slot.get(state)
 
 
 @functools.cache
-def functional_init(config: vae.VAEConfig) -> Callable[[jax.Array], Any]:
-    """``vae.init`` jitted for ``config``: one compiled program rather than many eager ops.
+def functional_init(config: models.ModelConfig) -> Callable[[jax.Array], Any]:
+    """The model's init jitted for ``config``: one compiled program rather than many eager ops.
 
     Cached per config, so every backend of one config shares the compiled init.
     """
-    return jax.jit(partial(vae.init, config=config))
+    return jax.jit(models.of(config).init)
 
 
-def functional_backend(config: vae.VAEConfig) -> Backend:
+def functional_backend(config: models.ModelConfig) -> Backend:
     """The core form: params are the functional dict, state a :class:`pureflax.TrainState`."""
-    init = functional_init(config)
+    init, model = functional_init(config), models.of(config)
 
     def init_params(key: jax.Array, native: bool) -> Any:
         del native  # the functional init is Flax's own: there is no other
@@ -70,8 +80,10 @@ def functional_backend(config: vae.VAEConfig) -> Backend:
         init_params=init_params,
         param_names=names,
         create_state=TrainState.create,
-        apply=partial(vae.apply, config=config),
+        apply=model.apply if model.stateful else partial(vae.apply, config=config),
         apply_gradients=default_apply_gradients,
         to_functional=lambda obj: obj,
         from_functional=from_functional,
+        init_model_state=model.init_state,
+        slot=MODEL_STATE if model.stateful else None,
     )

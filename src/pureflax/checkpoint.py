@@ -70,7 +70,15 @@ def _test_loss(metrics: dict[str, Any]) -> float:
 
 
 def _as_tree(state: Any) -> dict[str, Any]:
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    """What is saved: step, params, opt_state, and the model state when the model has one.
+
+    A model without state (the MLP VAE: ``model_state == {}``) saves exactly the three items
+    checkpoints held before model state existed, so old and new checkpoints restore alike.
+    """
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if jax.tree_util.tree_leaves(getattr(state, "model_state", {})):
+        tree["model_state"] = state.model_state
+    return tree
 
 
 def save_with(mgr: ocp.CheckpointManager, state: Any, meta: dict[str, Any] | None = None, test_loss: float | None = None) -> int:
@@ -188,8 +196,10 @@ def check_compatible(directory: str | Path, step: int, target: Any) -> None:
     the message says which of the two the run being restored differs in.
     """
     saved = saved_leaves(directory, step)
-    for part, hint in (("params", "another model"), ("opt_state", "another optimiser configuration"), ("step", "another kind of state")):
-        wanted = _leaves({part: getattr(target, part)})
+    parts = (("params", "another model"), ("opt_state", "another optimiser configuration"), ("step", "another kind of state"),
+             ("model_state", "another model (its BatchNorm statistics)"))
+    for part, hint in parts:
+        wanted = _leaves({part: getattr(target, part, {})})
         have = {p: v for p, v in saved.items() if p == part or p.startswith(part + "/")}
         for path, (shape, dtype) in wanted.items():
             if path not in have:

@@ -9,41 +9,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pureflax import step as step_lib, vae, viz
+from pureflax import models, step as step_lib, viz
 
 
-def evaluate(eval_step, params, data: step_lib.Batch, key: jax.Array, batch_size: int) -> step_lib.Metrics:
-    """Mean loss terms over a whole split, in batches; batch i uses ``fold_in(key, i)``."""
+def evaluate(eval_step, params, data: step_lib.Batch, key: jax.Array, batch_size: int, model_state=None) -> step_lib.Metrics:
+    """Mean loss terms over a whole split, in batches; batch i uses ``fold_in(key, i)``.
+
+    ``model_state`` (BatchNorm's running statistics) goes to the eval step as it is.
+    """
     n = data.labels.shape[0]
     total = np.zeros(3)
     for i, start in enumerate(range(0, n, batch_size)):
         batch = step_lib.Batch(data.images[start : start + batch_size], data.labels[start : start + batch_size])
-        metrics = eval_step(params, batch, jax.random.fold_in(key, i))
+        metrics = eval_step(params, batch, jax.random.fold_in(key, i), model_state)
         total += np.asarray(jax.device_get(jnp.stack(metrics)), np.float64) * batch.labels.shape[0]
     return step_lib.Metrics(*(total / n))
 
 
 @partial(jax.jit, static_argnames="config")
-def _samples(params, labels: jax.Array, key: jax.Array, config: vae.VAEConfig) -> jax.Array:
-    return vae.sample(params, labels, key, config=config)
+def _samples(params, model_state, labels: jax.Array, key: jax.Array, config: models.ModelConfig) -> jax.Array:
+    return models.of(config).sample(params, model_state, labels, key)
 
 
 @partial(jax.jit, static_argnames="config")
-def _reconstruct(params, x: jax.Array, c: jax.Array, config: vae.VAEConfig) -> jax.Array:
+def _reconstruct(params, model_state, x: jax.Array, c: jax.Array, config: models.ModelConfig) -> jax.Array:
     """The decoded latent mean: the reconstruction without the sampling noise."""
-    mean, _ = vae.encode(params, x, config)
-    return vae.decode(params, mean, c, config)
+    return models.of(config).reconstruct(params, model_state, x, c)
 
 
-def write_pictures(params, test: step_lib.Batch, model: vae.VAEConfig, key: jax.Array, out: Path, log: list[dict], test_loss: float) -> None:
-    """samples.png (row r = class r), reconstructions.png and loss.png."""
+def write_pictures(params, model_state, test: step_lib.Batch, model: models.ModelConfig, key: jax.Array, out: Path,
+                   log: list[dict], test_loss: float) -> None:
+    """samples.png (row r = class r), reconstructions.png and loss.png; ``model_state`` is ``{}`` for the MLP."""
     labels = jnp.repeat(jnp.arange(model.num_classes), 10)
-    samples = _samples(params, labels, key, config=model)  # compiled once per model and process
+    samples = _samples(params, model_state, labels, key, config=model)  # compiled once per model and process
     viz.save_samples(np.asarray(samples), out / "samples.png", model.num_classes)
     n = min(40, (test.labels.shape[0] // 10) * 10)
     if n:
         x, c = step_lib.to_inputs(step_lib.Batch(test.images[:n], test.labels[:n]), model.num_classes)
-        viz.save_reconstructions(np.asarray(x), np.asarray(_reconstruct(params, x, c, config=model)), out / "reconstructions.png")
+        viz.save_reconstructions(np.asarray(x), np.asarray(_reconstruct(params, model_state, x, c, config=model)), out / "reconstructions.png")
     steps = [row["global_step"] for row in log]
     curves = {name: [row[name] for row in log] for name in ("loss", "mse", "kl")}
     viz.save_loss_curve(steps, curves, out / "loss.png", test_loss)

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from pureflax import checkpoint, report
+from pureflax import checkpoint, models, report
 
 RUN_FILES = ("metrics.jsonl", "samples.png", "reconstructions.png", "loss.png", "checkpoints")
 LOCK = ".lock"
@@ -159,6 +159,7 @@ def epoch_means(pos: Position) -> list[float]:
 
 # Settings that change what the saved state or position means: a resume that changes one is refused.
 FIXED = {
+    "model_kind": "the saved params are that model's",
     "model": "the saved params have the run's model sizes",
     "optim.optimizer": "the saved optimiser state belongs to the run's optimiser",
     "optim.grad_accum": "the saved accumulator and step count belong to it",
@@ -169,7 +170,9 @@ FIXED = {
     "seed": "the data order and every key derive from it",
     "data": "the saved position indexes into that data",
 }
-FLAGS = {"native_init": "--init", "fuse": "--no-fuse", "data": "--data"}
+FLAGS = {"native_init": "--init", "fuse": "--no-fuse", "data": "--data", "model_kind": "--model"}
+# Settings that runs recorded before the setting existed had, in effect.
+EARLIER_DEFAULTS = {"model_kind": "mlp"}
 
 
 def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -184,8 +187,8 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def settings_of(config: Any, backend: str, data: str) -> dict[str, Any]:
-    """A run's full settings as recorded in each checkpoint: the config, the backend, the data's sha256."""
-    return flatten({**dataclasses.asdict(config), "backend": backend, "data": data})
+    """A run's full settings as recorded in each checkpoint: the config, the model kind, the backend, the data's sha256."""
+    return flatten({**dataclasses.asdict(config), "model_kind": models.kind_of(config.model), "backend": backend, "data": data})
 
 
 def flag_of(name: str) -> str:
@@ -208,10 +211,12 @@ def compare_settings(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[s
     from the resumed step on.
     """
     refused, notes = [], []
-    for name in sorted(set(saved) | set(now)):
+    saved = {**EARLIER_DEFAULTS, **saved}
+    other_model = saved.get("model_kind") != now.get("model_kind")
+    for name in sorted(set(saved) | set(now), key=lambda n: (n != "model_kind", n)):
         old, new = saved.get(name), now.get(name)
-        if old == new or name not in saved:
-            continue
+        if old == new or name not in saved or (other_model and name.startswith("model.")):
+            continue  # another model's sizes: --model says it all
         group = next((g for g in FIXED if name == g or name.startswith(g + ".")), None)
         flag = flag_of(name)
         if group:

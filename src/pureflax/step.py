@@ -33,7 +33,21 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 from pureflax.losses import Weight, vae_loss
 
 ApplyFn = Callable[..., tuple[Array, Array, Array]]  # (params, x, c, key) -> (recon, mean, logvar)
-LossFn = Callable[..., tuple[Array, tuple[Array, Array]]]  # (params, batch, key) -> (loss, (mse, kl))
+# a model with state: (params, model_state, x, c, key, *, train) -> ((recon, mean, logvar), model_state)
+StatefulApplyFn = Callable[..., tuple[tuple[Array, Array, Array], Any]]
+LossFn = Callable[..., tuple[Array, Any]]  # (params, batch, key[, model_state, train]) -> (loss, aux); see make_loss_fn
+
+
+class StateSlot(NamedTuple):
+    """Where a train state keeps its model's state (BatchNorm statistics): read it, and replace it."""
+
+    get: Callable[[Any], Any]  # state -> model_state
+    set: Callable[[Any, Any], Any]  # (state, model_state) -> state
+
+
+# pureflax's TrainState keeps it in ``model_state``; Flax's TrainState subclass (compat.flax_models) in ``batch_stats``
+MODEL_STATE = StateSlot(lambda state: state.model_state, lambda state, value: state._replace(model_state=value))
+BATCH_STATS = StateSlot(lambda state: state.batch_stats, lambda state, value: state.replace(batch_stats=value))
 
 
 class Batch(NamedTuple):
@@ -58,12 +72,30 @@ def to_inputs(batch: Batch, num_classes: int = 10) -> tuple[Float[Array, "batch 
     return x, c
 
 
-def make_loss_fn(apply_fn: ApplyFn, *, kl_weight: Weight = 0.5, num_classes: int = 10) -> LossFn:
+def make_loss_fn(apply_fn: ApplyFn | StatefulApplyFn, *, kl_weight: Weight = 0.5, num_classes: int = 10,
+                 stateful: bool = False) -> LossFn:
     """The tutorial's ``loss_fn`` over any ``apply(params, x, c, key)``.
 
+    Args:
+        apply_fn: the model; with ``stateful=True`` it is
+            ``apply(params, model_state, x, c, key, train=...) -> ((recon, mean, logvar), model_state)``.
+        kl_weight: weight of the KL term.
+        num_classes: for the one-hot labels.
+        stateful: whether the model keeps state besides its params (BatchNorm).
+
     Returns:
-        ``loss_fn(params, batch, key) -> (loss, (mse, kl))``.
+        ``loss_fn(params, batch, key) -> (loss, (mse, kl))``; with ``stateful=True``
+        ``loss_fn(params, batch, key, model_state, train=True) -> (loss, ((mse, kl), model_state))``.
     """
+    if stateful:
+
+        def stateful_loss_fn(params: Any, batch: Batch, key: PRNGKeyArray, model_state: Any, train: bool = True):
+            x, c = to_inputs(batch, num_classes)
+            (recon, mean, logvar), model_state = apply_fn(params, model_state, x, c, key, train=train)
+            loss, terms = vae_loss(recon, x, mean, logvar, kl_weight)
+            return loss, (terms, model_state)
+
+        return stateful_loss_fn
 
     def loss_fn(params: Any, batch: Batch, key: PRNGKeyArray):
         x, c = to_inputs(batch, num_classes)
@@ -83,6 +115,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     apply_gradients: Callable[[Any, Any], Any] | None = None,
+    slot: StateSlot | None = None,
 ) -> Callable[[Any, Batch, PRNGKeyArray], tuple[Any, Metrics]]:
     """Build THE jitted train step.
 
@@ -92,6 +125,9 @@ def make_train_step(
         apply_gradients: ``(state, grads) -> state``; defaults to
             ``state.apply_gradients(grads=grads, tx=tx)``. Flax's ``TrainState``
             passes ``lambda s, g: s.apply_gradients(grads=g)``.
+        slot: for a stateful ``loss_fn``, where the state keeps the model state
+            (:data:`MODEL_STATE` or :data:`BATCH_STATS`): the step reads it, trains with it
+            and stores what the model returns, beside the updated params.
 
     Returns:
         ``step(state, batch, key) -> (state, Metrics)``, jitted, with ``state`` donated.
@@ -101,17 +137,28 @@ def make_train_step(
 
     def step(state: Any, batch: Batch, key: PRNGKeyArray) -> tuple[Any, Metrics]:
         step_key = jax.random.fold_in(key, state.step)
-        (loss, (mse, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_key)
-        return update(state, grads), Metrics(loss, mse, kl)
+        if slot is None:
+            (loss, (mse, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_key)
+            return update(state, grads), Metrics(loss, mse, kl)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, ((mse, kl), model_state)), grads = grad_fn(state.params, batch, step_key, slot.get(state))
+        return slot.set(update(state, grads), model_state), Metrics(loss, mse, kl)
 
     return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(loss_fn: LossFn) -> Callable[[Any, Batch, PRNGKeyArray], Metrics]:
-    """Build the jitted eval step: ``eval_step(params, batch, key) -> Metrics``."""
+def make_eval_step(loss_fn: LossFn, *, stateful: bool = False) -> Callable[..., Metrics]:
+    """Build the jitted eval step: ``eval_step(params, batch, key, model_state=None) -> Metrics``.
 
-    def eval_step(params: Any, batch: Batch, key: PRNGKeyArray) -> Metrics:
-        loss, (mse, kl) = loss_fn(params, batch, key)
+    A stateful ``loss_fn`` runs with ``train=False`` (BatchNorm on its running statistics,
+    which ``model_state`` holds); a stateless one ignores ``model_state``.
+    """
+
+    def eval_step(params: Any, batch: Batch, key: PRNGKeyArray, model_state: Any = None) -> Metrics:
+        if stateful:
+            loss, ((mse, kl), _) = loss_fn(params, batch, key, model_state, train=False)
+        else:
+            loss, (mse, kl) = loss_fn(params, batch, key)
         return Metrics(loss, mse, kl)
 
     return jax.jit(eval_step)

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from pureflax import checkpoint, data as data_lib, loop, optim, report, rundir, step as step_lib, vae
+from pureflax import checkpoint, data as data_lib, loop, models, optim, report, rundir, step as step_lib, vae
 from pureflax.backend import Backend, functional_backend
 from pureflax.data import MNIST, Split
 
@@ -53,7 +53,7 @@ class TrainConfig:
     ckpt_every: int | None = None  # also checkpoint every this many steps (None: only at the end)
     keep: int | None = None  # keep the newest this many checkpoints (None: all)
     keep_best: bool = False  # also keep the checkpoint with the best test loss
-    model: vae.VAEConfig = vae.VAEConfig()
+    model: models.ModelConfig = vae.VAEConfig()  # or convvae.ConvVAEConfig (--model conv)
     optim: optim.OptimConfig = optim.OptimConfig()
 
     def __post_init__(self):
@@ -87,7 +87,8 @@ class TrainConfig:
             values = {key[len(prefix):]: value for key, value in settings.items() if key[len(prefix):] in names and key.startswith(prefix)}
             return kind(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 
-        return dataclasses.replace(of(cls, ""), model=of(vae.VAEConfig, "model."), optim=of(optim.OptimConfig, "optim."))
+        model = models.KINDS[settings.get("model_kind", "mlp")]  # runs before --model recorded none: the MLP
+        return dataclasses.replace(of(cls, ""), model=of(model, "model."), optim=of(optim.OptimConfig, "optim."))
 
     def steps_per_epoch(self, num_train: int) -> int:
         """Full batches per epoch (the last partial batch is dropped, as the tutorial's loader does)."""
@@ -175,9 +176,10 @@ def build(config: TrainConfig, backend: Backend, total_steps: int, key: jax.Arra
     """
     params = backend.init_params(key, config.native_init)
     tx = optim.make_optimizer(config.optim, total_steps, params, backend.param_names(params))
-    state = backend.create_state(params, tx)
-    loss_fn = step_lib.make_loss_fn(backend.apply, kl_weight=config.kl_weight, num_classes=config.model.num_classes)
-    train_step = step_lib.make_train_step(loss_fn, tx, apply_gradients=backend.apply_gradients(tx))
+    state = backend.create_state(params, tx, backend.init_model_state())
+    loss_fn = step_lib.make_loss_fn(backend.apply, kl_weight=config.kl_weight, num_classes=config.model.num_classes,
+                                    stateful=backend.stateful)
+    train_step = step_lib.make_train_step(loss_fn, tx, apply_gradients=backend.apply_gradients(tx), slot=backend.slot)
     return state, tx, loss_fn, train_step
 
 
@@ -243,8 +245,9 @@ def fit(
     num_train = int(train.labels.shape[0])
     plan, backend = config.plan(num_train), backend or functional_backend(config.model)
     state, _, loss_fn, train_step = build(config, backend, plan.total, keys.model)
-    evaluate = functools.partial(report.evaluate, step_lib.make_eval_step(loss_fn), data=test, key=keys.eval,
-                                 batch_size=config.eval_batch_size)
+    eval_step = step_lib.make_eval_step(loss_fn, stateful=backend.stateful)
+    evaluate = lambda state: report.evaluate(eval_step, state.params, test, keys.eval, config.eval_batch_size,  # noqa: E731
+                                             backend.model_state(state))
     settings = rundir.settings_of(config, backend.name, data_lib.fingerprint(mnist))
     order = functools.lru_cache(maxsize=1)(lambda e: loop.epoch_order(jax.random.fold_in(keys.data, e), num_train, config.batch_size))
     with rundir.RunFolder(out, settings, plan, resume=resume, overwrite=overwrite, keep=config.keep,
@@ -260,16 +263,17 @@ def fit(
             pos = folder.record(pos, metrics)
             hook("chunk", pos.step)
             if folder.stop_signal is not None or plan.checkpoint_due(pos.step):
-                folder.save(backend.to_functional(state), pos, float(evaluate(state.params).loss) if config.keep_best else None)
+                folder.save(backend.to_functional(state), pos, float(evaluate(state).loss) if config.keep_best else None)
             if folder.stop_signal is not None:
                 raise rundir.Interrupted(folder.stop_signal, pos.step)
-        test_metrics = evaluate(state.params)
+        test_metrics = evaluate(state)
         if folder.saved != plan.total:  # a resumed run that only lacked its final row has it already
             folder.save(backend.to_functional(state), pos, float(test_metrics.loss))
         folder.wait()
         hook("final", pos.step)
         with folder.writing("pictures", pos.step):
-            report.write_pictures(backend.to_functional(state).params, test, config.model, keys.sample, folder.out,
+            functional = backend.to_functional(state)
+            report.write_pictures(functional.params, functional.model_state, test, config.model, keys.sample, folder.out,
                                   folder.logged(), float(test_metrics.loss))
         final = final_row(test_metrics, pos, plan, folder.saved, time.perf_counter() - start)
         folder.finish(final)

@@ -1,0 +1,73 @@
+"""The models pureflax trains, behind one interface: ``mlp`` (the tutorial's VAE) and ``conv``.
+
+:func:`of` gives a :class:`Model` for a config: pure functions over the functional params
+and the model state (Flax's ``batch_stats``; ``{}`` for the MLP, which has none). Training,
+evaluation and the pictures go through it, so they do not care which model it is.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from pureflax import convvae
+    >>> model = of(convvae.ConvVAEConfig(latent_dim=4))
+    >>> params, state = model.init(jax.random.key(0)), model.init_state()
+    >>> model.kind, model.stateful, sorted(state['encoder']['norm_0'])
+    ('conv', True, ['mean', 'var'])
+    >>> model.sample(params, state, jnp.arange(3), jax.random.key(1)).shape
+    (3, 784)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+from pureflax import convvae, vae
+
+ModelConfig = vae.VAEConfig | convvae.ConvVAEConfig
+KINDS: dict[str, type] = {"mlp": vae.VAEConfig, "conv": convvae.ConvVAEConfig}  # --model NAME -> its config
+
+
+class Model(NamedTuple):
+    """One model's pure functions, its config bound."""
+
+    kind: str  # 'mlp' or 'conv'
+    config: Any
+    stateful: bool  # it keeps state besides its params (BatchNorm statistics)
+    init: Callable[[Any], Any]  # key -> params
+    init_state: Callable[[], Any]  # () -> model state ({} when stateless)
+    apply: Callable[..., Any]  # (params, model_state, x, c, key, *, train) -> ((recon, mean, logvar), model_state)
+    sample: Callable[..., Any]  # (params, model_state, labels, key) -> images (batch, features)
+    reconstruct: Callable[..., Any]  # (params, model_state, x, c) -> images: the decoded latent mean
+
+
+def kind_of(config: ModelConfig) -> str:
+    """``'mlp'`` or ``'conv'``: the ``--model`` that builds ``config``."""
+    for kind, cls in KINDS.items():
+        if isinstance(config, cls):
+            return kind
+    raise TypeError(f"not a model config: {type(config).__name__} (expected one of {', '.join(c.__name__ for c in KINDS.values())})")
+
+
+def _mlp_apply(params, model_state, x, c, key, *, train: bool = True, config: vae.VAEConfig):
+    del train  # nothing behaves differently in training
+    return vae.apply(params, x, c, key, config), model_state
+
+
+def _mlp_reconstruct(params, model_state, x, c, *, config: vae.VAEConfig):
+    del model_state
+    mean, _ = vae.encode(params, x, config)
+    return vae.decode(params, mean, c, config)
+
+
+@functools.cache
+def of(config: ModelConfig) -> Model:
+    """The :class:`Model` of ``config`` (cached: one per config, so jitted users compile once)."""
+    if kind_of(config) == "mlp":
+        return Model("mlp", config, False, partial(vae.init, config=config), dict,
+                     partial(_mlp_apply, config=config),
+                     lambda params, model_state, labels, key: vae.sample(params, labels, key, config),
+                     partial(_mlp_reconstruct, config=config))
+    return Model("conv", config, True, partial(convvae.init, config=config), partial(convvae.init_state, config),
+                 partial(convvae.apply, config=config),
+                 partial(convvae.sample, config=config), partial(convvae.reconstruct, config=config))
