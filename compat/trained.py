@@ -259,10 +259,14 @@ def migrate(source: Any, like: Any) -> Any:
     Returns:
         A new object of ``like``'s form holding ``source``'s values (for NNX, new module and
         optimiser; ``like`` is not changed).
+
+    Raises:
+        pureflax.compat.ConversionError: shapes or dtypes differ, or (where both sides are Equinox or
+            NNX modules) a layer's settings do (eps, momentum, strides, padding: see ``convert.check_layers``).
     """
     if isinstance(source, (str, Path)):
         source = _read_tutorial_checkpoint(Path(source), like)
-    return convert.from_functional(convert.to_functional(source), like=like)
+    return convert.transfer(source, like)
 
 
 def _read_tutorial_checkpoint(path: Path, like: Any) -> Any:
