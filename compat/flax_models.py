@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 from flax.training import train_state
 from jax.typing import ArrayLike
 
@@ -34,6 +35,7 @@ class TrainState(train_state.TrainState):
     ``state.apply_gradients(grads=grads).replace(batch_stats=updates['batch_stats'])``.
     """
 
+    params: Any = struct.field(pytree_node=True)  # a dict or a FrozenDict, as Flax's own TrainState takes
     batch_stats: Any = None
 
 

@@ -1,4 +1,4 @@
-"""Measure how closely the three forms agree, from the same weights.
+"""Measure how closely the four forms agree, from the same weights (MLP or conv VAE).
 
 Each function returns ``{(a, b): figure}`` for every pair of backends; the tests assert
 the limits and ``scripts/parity.py`` prints the figures into ``docs/parity.md``.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pureflax import optim, step as step_lib, train, vae
+from pureflax import models, optim, step as step_lib, train, vae
 from pureflax.compat.backends import BACKENDS, get_backend
 
 NAMES = tuple(BACKENDS)
@@ -75,31 +76,39 @@ def _pairwise(values: dict[str, Any], measure) -> dict[tuple[str, str], float]:
     return {(a, b): measure(values[a], values[b]) for a, b in PAIRS}
 
 
-def forward_max_abs_diff(config: vae.VAEConfig, key: jax.Array, batch: step_lib.Batch) -> dict[tuple[str, str], float]:
-    """Max abs difference of ``(recon, mean, logvar)`` between forms, same weights and key."""
+def _eval_apply(backend, params: Any, x, c, key):
+    """The forward pass in inference mode (BatchNorm on its initial running statistics)."""
+    if not backend.stateful:
+        return backend.apply(params, x, c, key)
+    return backend.apply(params, backend.init_model_state(), x, c, key, train=False)[0]
+
+
+def forward_max_abs_diff(config: models.ModelConfig, key: jax.Array, batch: step_lib.Batch) -> dict[tuple[str, str], float]:
+    """Max abs difference of ``(recon, mean, logvar)`` between forms, same weights and key (inference mode)."""
     params = _params(config, key)
     x, c = step_lib.to_inputs(batch, config.num_classes)
     noise = jax.random.PRNGKey(7)
-    outputs = {name: jax.jit(get_backend(name, config).apply)(params[name], x, c, noise) for name in NAMES}
+    outputs = {name: jax.jit(partial(_eval_apply, get_backend(name, config)))(params[name], x, c, noise) for name in NAMES}
     return _pairwise(outputs, _max_abs)
 
 
-def grad_max_rel_diff(config: vae.VAEConfig, key: jax.Array, batch: step_lib.Batch) -> dict[tuple[str, str], float]:
-    """Max relative difference of the loss gradients, converted to the functional layout."""
+def grad_max_rel_diff(config: models.ModelConfig, key: jax.Array, batch: step_lib.Batch) -> dict[tuple[str, str], float]:
+    """Max relative difference of the loss gradients (training mode), converted to the functional layout."""
     params = _params(config, key)
     grads = {}
     for name in NAMES:
         backend = get_backend(name, config)
-        loss_fn = step_lib.make_loss_fn(backend.apply, num_classes=config.num_classes)
-        g = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.PRNGKey(3))[0]))(params[name])
+        loss_fn = step_lib.make_loss_fn(backend.apply, num_classes=config.num_classes, stateful=backend.stateful)
+        extra = (backend.init_model_state(),) if backend.stateful else ()
+        g = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.PRNGKey(3), *extra)[0]))(params[name])
         grads[name] = backend.to_functional(g)
     return _pairwise(grads, _max_rel)
 
 
 def trained_params_max_abs_diff(
-    config: vae.VAEConfig, key: jax.Array, batches: Sequence[step_lib.Batch], lr: float = 1e-4
+    config: models.ModelConfig, key: jax.Array, batches: Sequence[step_lib.Batch], lr: float = 1e-4
 ) -> dict[tuple[str, str], float]:
-    """Max abs difference of the params after adamw steps on the same batches, through the shared step."""
+    """Max abs difference of the params (and BatchNorm statistics) after adamw steps on the same batches, through the shared step."""
     train_config = train.TrainConfig(model=config, optim=optim.OptimConfig(lr=lr))
     finals = {}
     for name in NAMES:
@@ -107,7 +116,8 @@ def trained_params_max_abs_diff(
         state, _, _, train_step = train.build(train_config, backend, len(batches), key)
         for batch in batches:
             state, _ = train_step(state, batch, jax.random.PRNGKey(11))
-        finals[name] = backend.to_functional(state).params
+        functional = backend.to_functional(state)
+        finals[name] = (functional.params, functional.model_state)
     return _pairwise(finals, _max_abs)
 
 

@@ -123,7 +123,12 @@ def load(path: str | Path, form: str = "functional", *, step: int | None = None,
     Returns:
         ``form``'s params (functional dict, ``equinox_models.VAE``, Flax ``{'params': ...}``, an
         ``nnx_models.VAE``) or its train state (``pureflax.TrainState``, Flax's ``TrainState``
-        with ``apply_fn``/``tx``, or an NNX ``(model, nnx.Optimizer)`` pair).
+        with ``apply_fn``/``tx``, or an NNX ``(model, nnx.Optimizer)`` pair). A model with
+        BatchNorm statistics (``--model conv``) comes with them, as each library keeps them:
+        functional ``(params, model_state)``, Equinox ``(model, eqx.nn.State)``, Flax
+        ``{'params': ..., 'batch_stats': ...}``, an NNX module holding its ``nnx.BatchStat``; its
+        train state is a ``pureflax.TrainState`` with ``model_state``, ``flax_models.TrainState``
+        with ``batch_stats``, or the NNX pair.
 
     Raises:
         ValueError: a missing path, a folder without checkpoints, an unknown form, a step that
@@ -142,12 +147,20 @@ def load(path: str | Path, form: str = "functional", *, step: int | None = None,
     if state:
         like, *_ = train.build(found.config, backend, found.total_steps, jax.random.PRNGKey(0))
         return train.restore_state(found.directory, like, backend, found.step)
-    return convert.from_functional(_saved_params(found.directory, found.step), like=eqx.filter_eval_shape(backend.init_params, jax.random.PRNGKey(0), False))
+    params, model_state = _saved_variables(found.directory, found.step)
+    skeleton = eqx.filter_eval_shape(backend.init_params, jax.random.PRNGKey(0), False)
+    if not backend.stateful:
+        return convert.from_functional(params, like=skeleton)
+    if form == "functional":
+        return params, model_state
+    like = {**skeleton, "batch_stats": backend.init_model_state()} if form == "flax" else (skeleton, backend.init_model_state())
+    return convert.variables_from_functional(params, model_state, like)
 
 
-def _saved_params(directory: Path, step: int) -> dict[str, Any]:
-    """The saved params, as arrays."""
-    return jax.tree_util.tree_map(jnp.asarray, checkpoint.restore_raw(directory, step)["params"])
+def _saved_variables(directory: Path, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The saved params and model state (``{}`` for a model without), as arrays."""
+    saved = jax.tree_util.tree_map(jnp.asarray, checkpoint.restore_raw(directory, step))
+    return saved["params"], saved.get("model_state", {})
 
 
 def _load_nnx(found: Checkpoint, state: bool) -> Any:
@@ -159,11 +172,11 @@ def _load_nnx(found: Checkpoint, state: bool) -> Any:
 
     abstract = nnx.eval_shape(lambda: nnx_model(found.config.model, nnx.Rngs(0)))
     if not state:
-        return convert.from_functional(_saved_params(found.directory, found.step), like=abstract)
+        return convert.variables_from_functional(*_saved_variables(found.directory, found.step), like=abstract)
     functional = get_backend("functional", found.config.model)
     like, *_ = train.build(found.config, functional, found.total_steps, jax.random.PRNGKey(0))
     restored = train.restore_state(found.directory, like, functional, found.step)
-    model = convert.from_functional(restored.params, like=abstract)
+    model = convert.variables_from_functional(restored.params, restored.model_state, like=abstract)
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     tx = optim.make_optimizer(found.config.optim, found.total_steps, params, convert.param_names(params))
     return convert.from_functional(restored, like=(model, nnx.Optimizer(model, tx, wrt=nnx.Param)))

@@ -2,9 +2,10 @@
 
     .venv/bin/python scripts/parity.py            # real MNIST for the training rows (cached or fetched)
     .venv/bin/python scripts/parity.py --synthetic  # MNIST-like synthetic images only, no data needed
+    .venv/bin/python scripts/parity.py --model conv # the convolutional VAE (BatchNorm statistics compared too)
 
-Every figure is the largest over the three pairs (functional-equinox, functional-flax,
-equinox-flax); the per-pair figures are printed below the table.
+Every figure is the largest over the six pairs of the four forms; the per-pair figures are
+printed below the table.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from pureflax import data as data_lib, step as step_lib, vae
+from pureflax import data as data_lib, models, step as step_lib
 from pureflax.compat import parity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +31,11 @@ def mnist_batches(mnist: data_lib.MNIST, count: int, size: int = 16) -> list[ste
     return [step_lib.Batch(images[i * size : (i + 1) * size], labels[i * size : (i + 1) * size]) for i in range(count)]
 
 
-def cli_runs(data: Path, root: Path, steps: int) -> dict[str, Path]:
+def cli_runs(data: Path, root: Path, steps: int, model: str = "mlp") -> dict[str, Path]:
     runs = {}
     for name in parity.NAMES:
         runs[name] = root / name
-        code = train_script.main(["--backend", name, "--data", str(data), "--out", str(runs[name]),
+        code = train_script.main(["--backend", name, "--model", model, "--data", str(data), "--out", str(runs[name]),
                                   "--max-steps", str(steps), "--seed", "0xffff"])
         if code != 0:
             raise SystemExit(f"train.py --backend {name} failed with status {code}")
@@ -45,12 +46,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--synthetic", action="store_true", help="use MNIST-like synthetic images, no dataset")
     parser.add_argument("--data", type=Path, default=None, help="local MNIST, as for train.py")
+    parser.add_argument("--model", choices=tuple(models.KINDS), default="mlp", help="which VAE (default mlp)")
     args = parser.parse_args()
 
-    config, key = vae.VAEConfig(), jax.random.PRNGKey(0xFFFF)
+    config, key = models.KINDS[args.model](), jax.random.PRNGKey(0xFFFF)
     synthetic = [parity.random_batch(jax.random.PRNGKey(100 + i), 16) for i in range(200)]
     rows = [
-        ("forward (recon, mean, logvar), max abs", "≤ 1e-5", parity.forward_max_abs_diff(config, key, synthetic[0])),
+        ("forward (recon, mean, logvar), inference mode, max abs", "≤ 1e-5", parity.forward_max_abs_diff(config, key, synthetic[0])),
         ("gradients, max relative", "≤ 1e-5", parity.grad_max_rel_diff(config, key, synthetic[1])),
         ("params after 200 adamw(1e-4) steps, MNIST-like synthetic, max abs", "≤ 1e-4",
          parity.trained_params_max_abs_diff(config, key, synthetic)),
@@ -63,7 +65,7 @@ def main() -> None:
             rows.append(("stress: params after 200 adamw(1e-3) steps, real MNIST, max abs", "—",
                          parity.trained_params_max_abs_diff(config, key, mnist_batches(mnist, 200), lr=1e-3)))
             data_lib.save_mnist(mnist, Path(tmp) / "mnist")
-            runs = cli_runs(Path(tmp) / "mnist", Path(tmp), 300)
+            runs = cli_runs(Path(tmp) / "mnist", Path(tmp), 300, args.model)
             rows.append(("`train.py --max-steps 300`, same seed, real MNIST: loss/mse/kl logs, max relative", "≤ 1e-3",
                          parity.log_max_rel_diff(runs)))
         rows.append(("stress: params after 200 adamw(1e-3) steps, MNIST-like synthetic, max abs", "—",

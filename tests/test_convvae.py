@@ -1,0 +1,186 @@
+"""The convolutional VAE: the same numbers in every form, its BatchNorm state through the one step.
+
+Small sizes (4 and 8 channels, latent 4) where size adds nothing; the runs are shared by the
+tests of this file (one ``fit`` per form).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from tiny import tiny_mnist
+
+from pureflax import checkpoint, convvae, models, rundir, step as step_lib, train, vae
+from pureflax.compat import convert, equinox_models, flax_models, load
+from pureflax.compat.backends import BACKENDS, get_backend
+from pureflax.state import TrainState
+
+CONFIG = convvae.ConvVAEConfig(features=(4, 8), latent_dim=4)
+FORMS = tuple(BACKENDS)
+
+
+def _max_diff(a, b) -> float:
+    return max(float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    x = jax.random.uniform(jax.random.key(5), (3, 784))
+    c = jax.nn.one_hot(jnp.array([1, 2, 3]), 10)
+    return x, c, jax.random.key(2)
+
+
+@pytest.fixture(scope="module")
+def functional():
+    model = models.of(CONFIG)
+    return model.init(jax.random.key(0)), model.init_state()
+
+
+def test_init_is_linens_bit_for_bit(functional, inputs):
+    params, model_state = functional
+    x, c, key = inputs
+    variables = flax_models.ConvVAE(features=CONFIG.features, latent_dim=CONFIG.latent_dim).init(jax.random.key(0), x, c, key)
+    assert jax.tree.structure(variables["params"]) == jax.tree.structure(params)
+    assert _max_diff(variables["params"], params) == 0.0
+    assert _max_diff(variables["batch_stats"], model_state) == 0.0
+    assert float(model_state["encoder"]["norm_0"]["var"].min()) == 1.0
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_form_gives_the_functional_forward_pass_and_running_statistics(form, functional, inputs):
+    params, model_state = functional
+    x, c, key = inputs
+    reference = models.of(CONFIG)
+    (want, want_state) = reference.apply(params, model_state, x, c, key, train=True)
+    backend = get_backend(form, CONFIG)
+    form_params, form_state = backend.init_params(jax.random.key(0), False), backend.init_model_state()
+    out, new_state = backend.apply(form_params, form_state, x, c, key, train=True)
+    assert _max_diff(out, want) <= 1e-5
+    got_state = convert.state_to_functional(new_state, form_params)
+    assert _max_diff(got_state, want_state) <= 1e-6
+    # inference mode: the running statistics, unchanged
+    eval_want, kept = reference.apply(params, want_state, x, c, key, train=False)
+    eval_out, eval_state = backend.apply(form_params, new_state, x, c, key, train=False)
+    assert _max_diff(eval_out, eval_want) <= 1e-5
+    assert _max_diff(convert.state_to_functional(eval_state, form_params), kept) <= 1e-6
+    assert _max_diff(eval_want, want) > 1e-3  # the two modes differ: the test can tell them apart
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_form_has_the_functional_gradients(form, functional):
+    params, model_state = functional
+    batch = step_lib.Batch(jnp.asarray(tiny_mnist(4, 0).train.images), jnp.arange(4, dtype=jnp.int32))
+    grads = {}
+    for name in ("functional", form):
+        backend = get_backend(name, CONFIG)
+        loss_fn = step_lib.make_loss_fn(backend.apply, stateful=True)
+        p = backend.init_params(jax.random.key(0), False)
+        g, _ = jax.grad(loss_fn, has_aux=True)(p, batch, jax.random.key(3), backend.init_model_state())
+        grads[name] = convert.to_functional(g)
+    assert _max_diff(grads[form], grads["functional"]) <= 1e-5 * max(1.0, _max_diff(grads["functional"], jax.tree.map(jnp.zeros_like, grads["functional"])))
+
+
+# --------------------------------------------------------------------- runs of every form
+
+RUN = train.TrainConfig(epochs=2, batch_size=16, log_every=3, eval_batch_size=30, model=CONFIG)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every form trained 12 steps (2 epochs of the tiny set) by ``train.fit``."""
+    done = {}
+    for form in FORMS:
+        out = tmp_path_factory.mktemp(f"conv-{form}")
+        result = train.fit(RUN, tiny_mnist(), out, backend=get_backend(form, CONFIG), progress=False, log=lambda _: None)
+        done[form] = (out, result)
+    return done
+
+
+def test_a_fit_of_every_form_logs_the_same_losses_and_ends_with_the_same_statistics(runs):
+    _, reference = runs["functional"]
+    losses = np.array([[row[k] for k in ("loss", "mse", "kl")] for row in reference.log])
+    reference_state = get_backend("functional", CONFIG).to_functional(reference.state)
+    for form, (_, result) in runs.items():
+        got = np.array([[row[k] for k in ("loss", "mse", "kl")] for row in result.log])
+        assert got.shape == losses.shape == (4, 3)
+        assert np.max(np.abs(got - losses) / np.abs(losses)) <= 1e-3, form
+        functional_state = get_backend(form, CONFIG).to_functional(result.state)
+        assert _max_diff(functional_state.model_state, reference_state.model_state) <= 1e-4, form
+        assert abs(result.final["test_loss"] - reference.final["test_loss"]) <= 1e-3 * reference.final["test_loss"], form
+    # the statistics moved: the step stored what BatchNorm returned
+    assert float(jnp.abs(reference_state.model_state["encoder"]["norm_0"]["mean"]).max()) > 0.0
+
+
+def test_a_resumed_conv_run_restores_its_statistics_and_ends_where_the_straight_run_ends(runs, tmp_path):
+    out = tmp_path / "resumed"
+    half = dataclasses.replace(RUN, max_steps=6)
+    train.fit(half, tiny_mnist(), out, progress=False, log=lambda _: None)
+    saved = checkpoint.restore_raw(out / "checkpoints", 6)
+    assert set(saved) == {"step", "params", "opt_state", "model_state"}
+    resumed = train.fit(RUN, tiny_mnist(), out, progress=False, resume=True, log=lambda _: None)
+    _, straight = runs["functional"]
+    assert [row["loss"] for row in resumed.log] == [row["loss"] for row in straight.log]
+    assert _max_diff(resumed.state.model_state, straight.state.model_state) == 0.0
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_load_gives_each_form_with_its_statistics(form, runs, inputs):
+    out, result = runs[form]
+    x, c, key = inputs
+    reference = models.of(CONFIG)
+    saved = get_backend(form, CONFIG).to_functional(result.state)
+    want, _ = reference.apply(saved.params, saved.model_state, x, c, key, train=False)
+    loaded = load(out, form)
+    if form == "functional":  # (params, model_state)
+        got, _ = reference.apply(*loaded, x, c, key, train=False)
+    elif form == "equinox":  # (model, eqx.nn.State), as eqx.nn.make_with_state returns them
+        got, _ = equinox_models.batched_apply_stateful(*loaded, x, c, key, train=False)
+    elif form == "flax":  # {'params', 'batch_stats'}
+        got = flax_models.ConvVAE(features=CONFIG.features, latent_dim=CONFIG.latent_dim).apply(loaded, x, c, key, train=False)
+    else:  # an nnx.Module holding its nnx.BatchStat
+        got = loaded(x, c, key, train=False)
+    assert _max_diff(got, want) <= 1e-5
+    # the train state too: optimiser state and statistics, ready to continue
+    restored = convert.to_functional(load(out, form, state=True))
+    assert _max_diff((restored.params, restored.opt_state, restored.model_state),
+                     (saved.params, saved.opt_state, saved.model_state)) == 0.0
+
+
+# ------------------------------------------------------------------ old checkpoints, settings
+
+
+def test_an_mlp_checkpoint_written_before_model_state_existed_restores(tmp_path):
+    """The three items every checkpoint held before: restored into today's TrainState, model_state {}."""
+    config = vae.VAEConfig(latent_dim=2, encoder_dimensions=(8,), decoder_dimensions=(8, 784))
+    tx = optax.adam(1e-3)
+    state = TrainState.create(vae.init(jax.random.key(0), config), tx)
+    import orbax.checkpoint as ocp
+
+    with checkpoint.manager(tmp_path) as mgr:  # what checkpoint.save_with wrote before this version
+        tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+        mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave({})))
+        mgr.wait_until_finished()
+    restored = checkpoint.restore(tmp_path, TrainState.create(vae.init(jax.random.key(1), config), tx))
+    assert restored.model_state == {}
+    assert _max_diff(restored.params, state.params) == 0.0
+    # and today's MLP checkpoints are those same three items
+    checkpoint.save(tmp_path / "now", state)
+    assert set(checkpoint.restore_raw(tmp_path / "now")) == {"step", "params", "opt_state"}
+
+
+def test_resuming_with_another_model_is_refused_in_one_line_naming_the_flag():
+    mlp = rundir.settings_of(train.TrainConfig(), "functional", "data")
+    conv = rundir.settings_of(train.TrainConfig(model=convvae.ConvVAEConfig()), "functional", "data")
+    refused, _ = rundir.compare_settings(mlp, conv)
+    assert refused == [
+        "--resume: --model conv differs from the run's mlp (the saved params are that model's); "
+        "resume with --model mlp, or start a new run in another --out"
+    ]
+    earlier = {k: v for k, v in mlp.items() if k != "model_kind"}  # recorded before --model existed
+    assert rundir.compare_settings(earlier, mlp) == ([], [])
+    assert len(rundir.compare_settings(earlier, conv)[0]) == 1
+    assert train.TrainConfig.from_settings(conv).model == convvae.ConvVAEConfig()
+    assert train.TrainConfig.from_settings(earlier).model == vae.VAEConfig()
