@@ -30,7 +30,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from pureflax import checkpoint, train, vae
+from pureflax import checkpoint, models, train, vae
 from pureflax.compat import convert
 from pureflax.compat.backends import BACKENDS, get_backend
 
@@ -214,44 +214,62 @@ def save_file(model: Any, form: str, path: str | Path) -> Path:
         from flax import serialization
 
         path.write_bytes(serialization.to_bytes(model))
-    else:
-        checkpoint.write_params(model, path)
+    else:  # a conv model's (params, model_state) go in one file, under those two names
+        checkpoint.write_params(dict(zip(("params", "model_state"), model)) if isinstance(model, tuple) else model, path)
     return path
 
 
-def _arguments(config: vae.VAEConfig, names: tuple[str, ...]) -> str:
+def _arguments(config: Any, names: tuple[str, ...]) -> str:
     """``latent_dim=32, ...``: the sizes of ``config`` that differ from the defaults, latent_dim always."""
-    default = vae.VAEConfig()
+    default = type(config)()
     return ", ".join(
         f"{name}={getattr(config, name)!r}" for name in names
         if name == "latent_dim" or getattr(config, name) != getattr(default, name)
     )
 
 
-def loader_code(form: str, config: vae.VAEConfig, path: str | Path) -> str:
+# Each model's module class and the config fields its Equinox/NNX (and Linen) constructors take.
+_CONV_SIZES = ("latent_dim", "features", "num_classes", "image_size", "momentum", "epsilon")
+_SIZES = {
+    "mlp": ("VAE", ("latent_dim", "encoder_dimensions", "decoder_dimensions", "num_classes", "input_dim"),
+            ("latent_dim", "encoder_dimensions", "decoder_dimensions")),
+    "conv": ("ConvVAE", _CONV_SIZES, _CONV_SIZES),
+}
+
+
+def loader_code(form: str, config: Any, path: str | Path) -> str:
     """The Python that reads a file written by :func:`save_file` with ``form``'s own loader."""
     path = str(path)
+    kind = models.kind_of(config)
+    cls, module_sizes, linen_sizes = _SIZES[kind]
     activation = "" if config.activation == "relu" else f", activation_fn=activation({config.activation!r})"
     imports = "" if config.activation == "relu" else "from pureflax.nn import activation\n"
     if _form(form) == "equinox":
-        sizes = _arguments(config, ("latent_dim", "encoder_dimensions", "decoder_dimensions", "num_classes", "input_dim"))
-        return (f"import equinox as eqx, jax\nfrom pureflax.compat.equinox_models import VAE\n{imports}"
-                f"like = eqx.filter_eval_shape(VAE, {sizes}{activation}, key=jax.random.PRNGKey(0))  # or VAE(...) itself\n"
-                f"model = eqx.tree_deserialise_leaves({path!r}, like)\n")
+        sizes = _arguments(config, module_sizes)
+        make = "eqx.nn.make_with_state(ConvVAE)" if kind == "conv" else cls
+        what = "model, state" if kind == "conv" else "model"
+        return (f"import equinox as eqx, jax\nfrom pureflax.compat.equinox_models import {cls}\n{imports}"
+                f"like = eqx.filter_eval_shape({make}, {sizes}{activation}, key=jax.random.PRNGKey(0))  # or {make}(...) itself\n"
+                f"{what} = eqx.tree_deserialise_leaves({path!r}, like)\n")
     if form == "flax":
-        sizes = _arguments(config, ("latent_dim", "encoder_dimensions", "decoder_dimensions"))
-        return ("import pathlib, jax, jax.numpy as jnp\nfrom flax import serialization\nfrom pureflax.compat.flax_models import VAE\n"
-                f"{imports}model = VAE({sizes}{activation})\n"
+        sizes = _arguments(config, linen_sizes)
+        return (f"import pathlib, jax, jax.numpy as jnp\nfrom flax import serialization\nfrom pureflax.compat.flax_models import {cls}\n"
+                f"{imports}model = {cls}({sizes}{activation})\n"
                 f"like = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, {config.input_dim})), "
                 f"jnp.zeros((1, {config.num_classes})), jax.random.PRNGKey(0))\n"
-                f"variables = serialization.from_bytes(like, pathlib.Path({path!r}).read_bytes())\n")
+                f"variables = serialization.from_bytes(like, pathlib.Path({path!r}).read_bytes())"
+                f"{'  # params and batch_stats' if kind == 'conv' else ''}\n")
     if form == "nnx":
-        sizes = _arguments(config, ("latent_dim", "encoder_dimensions", "decoder_dimensions", "num_classes", "input_dim"))
-        return ("import orbax.checkpoint as ocp, pathlib\nfrom flax import nnx\nfrom pureflax.compat.nnx_models import VAE\n"
-                f"{imports}graphdef, state = nnx.split(nnx.eval_shape(lambda: VAE({sizes}{activation}, rngs=nnx.Rngs(0))))\n"
+        sizes = _arguments(config, module_sizes)
+        return (f"import orbax.checkpoint as ocp, pathlib\nfrom flax import nnx\nfrom pureflax.compat.nnx_models import {cls}\n"
+                f"{imports}graphdef, state = nnx.split(nnx.eval_shape(lambda: {cls}({sizes}{activation}, rngs=nnx.Rngs(0))))\n"
                 f"nnx.replace_by_pure_dict(state, ocp.StandardCheckpointer().restore(pathlib.Path({path!r}).absolute()))\n"
                 "model = nnx.merge(graphdef, state)\n")
     flat = "safetensors.numpy.load_file" if path.endswith(".safetensors") else "numpy.load"
+    if kind == "conv":
+        return (f"from pureflax.checkpoint import read_params\n"
+                f"variables = read_params({path!r})  # {{'params': ..., 'model_state': ...}}; {flat} gives them flat, keyed by path\n"
+                "params, model_state = variables['params'], variables['model_state']\n")
     return (f"from pureflax.checkpoint import read_params\n"
             f"params = read_params({path!r})  # nested functional params; {flat} gives them flat, keyed by path\n")
 

@@ -184,3 +184,24 @@ def test_resuming_with_another_model_is_refused_in_one_line_naming_the_flag():
     assert len(rundir.compare_settings(earlier, conv)[0]) == 1
     assert train.TrainConfig.from_settings(conv).model == convvae.ConvVAEConfig()
     assert train.TrainConfig.from_settings(earlier).model == vae.VAEConfig()
+
+
+@pytest.mark.parametrize("form,name,result", [("functional", "m.safetensors", "variables"), ("equinox", "m.eqx", ("model", "state")),
+                                              ("flax", "m.msgpack", "variables"), ("nnx", "m_nnx", "model")])
+def test_each_file_format_of_a_conv_run_reads_back_with_the_printed_code(form, name, result, runs, tmp_path):
+    from pureflax.compat import trained
+
+    out, _ = runs["functional"]
+    _, code = trained.convert_run(out, form, tmp_path / name)
+    namespace: dict = {}
+    exec(code, namespace)  # the library's own loader, as printed
+    got = tuple(namespace[k] for k in result) if isinstance(result, tuple) else namespace[result]
+    want = load(out, form)
+    if form == "functional":
+        want = {"params": want[0], "model_state": want[1]}
+    if form == "nnx":
+        from flax import nnx
+
+        got, want = nnx.state(got), nnx.state(want)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert _max_diff(got, want) == 0.0
