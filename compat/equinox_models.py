@@ -185,7 +185,7 @@ class ConvEncoder(eqx.Module):
 
     def __init__(self, features: tuple[int, int], activation_fn, momentum: float, epsilon: float, *, key: PRNGKeyArray):
         k0, k1 = jax.random.split(key)
-        self.conv_0 = eqx.nn.Conv2d(1, features[0], 3, stride=2, padding=_SAME_STRIDE_2, key=k0)
+        self.conv_0 = eqx.nn.Conv2d(1, features[0], 3, stride=2, padding=_SAME_STRIDE_2, use_bias=False, key=k0)  # BatchNorm follows
         self.norm_0 = BatchNorm(features[0], momentum=momentum, eps=epsilon)
         self.conv_1 = eqx.nn.Conv2d(features[0], features[1], 3, stride=2, padding=_SAME_STRIDE_2, key=k1)
         self.activation_fn = activation_fn
@@ -203,7 +203,7 @@ class ConvDecoder(eqx.Module):
 
     def __init__(self, features: tuple[int, int], activation_fn, momentum: float, epsilon: float, *, key: PRNGKeyArray):
         k0, k1 = jax.random.split(key)
-        self.deconv_0 = eqx.nn.ConvTranspose2d(features[1], features[0], 3, stride=2, padding=_SAME_STRIDE_2, key=k0)
+        self.deconv_0 = eqx.nn.ConvTranspose2d(features[1], features[0], 3, stride=2, padding=_SAME_STRIDE_2, use_bias=False, key=k0)
         self.norm_0 = BatchNorm(features[0], momentum=momentum, eps=epsilon)
         self.deconv_1 = eqx.nn.ConvTranspose2d(features[0], 1, 3, stride=2, padding=_SAME_STRIDE_2, key=k1)
         self.activation_fn = activation_fn

@@ -128,7 +128,7 @@ class ConvEncoder(nn.Module):
     epsilon: float = 1e-5
 
     def setup(self):
-        self.conv_0 = nn.Conv(self.features[0], (3, 3), strides=2)
+        self.conv_0 = nn.Conv(self.features[0], (3, 3), strides=2, use_bias=False)  # BatchNorm follows
         self.norm_0 = nn.BatchNorm(momentum=self.momentum, epsilon=self.epsilon)
         self.conv_1 = nn.Conv(self.features[1], (3, 3), strides=2)
 
@@ -146,7 +146,7 @@ class ConvDecoder(nn.Module):
     epsilon: float = 1e-5
 
     def setup(self):
-        self.deconv_0 = nn.ConvTranspose(self.features, (3, 3), strides=(2, 2))
+        self.deconv_0 = nn.ConvTranspose(self.features, (3, 3), strides=(2, 2), use_bias=False)
         self.norm_0 = nn.BatchNorm(momentum=self.momentum, epsilon=self.epsilon)
         self.deconv_1 = nn.ConvTranspose(1, (3, 3), strides=(2, 2))
 

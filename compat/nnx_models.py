@@ -106,7 +106,7 @@ class ConvEncoder(nnx.Module):
     """Two stride-2 3×3 convolutions, BatchNorm after the first (``pureflax.convvae``'s encoder)."""
 
     def __init__(self, features: tuple[int, int], activation_fn: Callable, momentum: float, epsilon: float, *, rngs: nnx.Rngs):
-        self.conv_0 = nnx.Conv(1, features[0], (3, 3), strides=2, rngs=rngs)
+        self.conv_0 = nnx.Conv(1, features[0], (3, 3), strides=2, use_bias=False, rngs=rngs)  # BatchNorm follows
         self.norm_0 = nnx.BatchNorm(features[0], momentum=momentum, epsilon=epsilon, rngs=rngs)
         self.conv_1 = nnx.Conv(features[0], features[1], (3, 3), strides=2, rngs=rngs)
         self.activation_fn = activation_fn
@@ -120,7 +120,7 @@ class ConvDecoder(nnx.Module):
     """Two stride-2 3×3 transposed convolutions, BatchNorm after the first."""
 
     def __init__(self, features: tuple[int, int], activation_fn: Callable, momentum: float, epsilon: float, *, rngs: nnx.Rngs):
-        self.deconv_0 = nnx.ConvTranspose(features[1], features[0], (3, 3), strides=2, rngs=rngs)
+        self.deconv_0 = nnx.ConvTranspose(features[1], features[0], (3, 3), strides=2, use_bias=False, rngs=rngs)
         self.norm_0 = nnx.BatchNorm(features[0], momentum=momentum, epsilon=epsilon, rngs=rngs)
         self.deconv_1 = nnx.ConvTranspose(features[0], 1, (3, 3), strides=2, rngs=rngs)
         self.activation_fn = activation_fn

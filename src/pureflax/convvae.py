@@ -1,7 +1,8 @@
 """A class-conditioned convolutional VAE as pure functions, with BatchNorm state.
 
 The encoder is two stride-2 3×3 convolutions on the 28×28×1 image (28 → 14 → 7), the
-first followed by BatchNorm, then a Dense to ``(mean, logvar)``; the decoder is
+first followed by BatchNorm (and so without a bias of its own: BatchNorm subtracts the mean,
+so such a bias gets a zero gradient, in rounding only), then a Dense to ``(mean, logvar)``; the decoder is
 conditioned as the tutorial's MLP VAE is — ``post_latent_proj(z) + class_proj(c)`` — then
 two stride-2 transposed convolutions back to 28×28 (the first followed by BatchNorm).
 Images travel flattened, (batch, 784), as for the MLP, so the loss, data and step are
@@ -81,12 +82,12 @@ def _layers(config: ConvVAEConfig) -> dict[str, Any]:
     norm = nn.batch_norm(momentum=config.momentum, epsilon=config.epsilon)
     flat = math.prod(config.bottleneck)
     return {
-        "encoder": {"conv_0": nn.conv(config.features[0], (3, 3), strides=2), "norm_0": norm,
+        "encoder": {"conv_0": nn.conv(config.features[0], (3, 3), strides=2, use_bias=False), "norm_0": norm,
                     "conv_1": nn.conv(config.features[1], (3, 3), strides=2)},
         "pre_latent_proj": nn.dense(config.latent_dim * 2),
         "post_latent_proj": nn.dense(flat),
         "class_proj": nn.dense(flat),
-        "decoder": {"deconv_0": nn.conv_transpose(config.features[0], (3, 3), strides=2), "norm_0": norm,
+        "decoder": {"deconv_0": nn.conv_transpose(config.features[0], (3, 3), strides=2, use_bias=False), "norm_0": norm,
                     "deconv_1": nn.conv_transpose(1, (3, 3), strides=2)},
     }
 
