@@ -28,12 +28,17 @@ converted too. Any mismatch raises :class:`ConversionError` naming the path, bot
 both dtypes; :func:`check_layers` refuses two modules whose layers compute different things
 (``eps``, ``momentum``, strides, padding, dilation, groups).
 
+BatchNorm's running statistics convert in every form, but only Linen, NNX and
+:class:`pureflax.compat.eqx_layers.BatchNorm` update them by the same rule: ``eqx.nn.BatchNorm``
+converts (params, and its ``"ema"`` or ``"batch"`` statistics as the statistics it normalises
+with) but its update rule differs from Flax's, by order one after 50 steps (docs/layers.md).
+
 Example:
-    >>> import jax
+    >>> import equinox as eqx, jax
     >>> from pureflax import vae
     >>> from pureflax.compat import equinox_models, convert
-    >>> params = vae.init(jax.random.PRNGKey(0), vae.VAEConfig(latent_dim=4))
-    >>> like = equinox_models.VAE(latent_dim=4, key=jax.random.PRNGKey(1))
+    >>> params = jax.jit(vae.init, static_argnums=1)(jax.random.PRNGKey(0), vae.VAEConfig(latent_dim=4))
+    >>> like = eqx.filter_eval_shape(equinox_models.VAE, latent_dim=4, key=jax.random.PRNGKey(1))  # shapes suffice
     >>> model = convert.from_functional(params, like=like)
     >>> bool((model.encoder.layers[0].weight == params['encoder']['Dense_0']['kernel'].T).all())
     True
@@ -954,7 +959,8 @@ def variables_to_functional(obj: Any, *, names: Mapping[str, str] | None = None,
     plain = _plain(obj)
     if isinstance(plain, Mapping) and "params" in plain:
         if set(plain) - {"params", "batch_stats"}:
-            raise ConversionError(f"Linen variables with {sorted(set(plain) - {'params', 'batch_stats'})}: only params and batch_stats convert")
+            others = sorted(set(plain) - {"params", "batch_stats"})
+            raise ConversionError(f"Linen variables with {others}: only params and batch_stats convert")
         params = params_to_functional(plain["params"], names=names, flatten=flatten)
         return params, state_to_functional(plain.get("batch_stats", {}), names=names)
     raise ConversionError(f"cannot take variables from a {type(obj).__name__}: expected Linen variables, an NNX "
@@ -1119,7 +1125,8 @@ def from_functional(tree: Any, like: Any, *, names: Mapping[str, str] | None = N
     if isinstance(tree, TrainState):
         raise ConversionError(f"a train state cannot fill {type(like).__name__}: pass tree.params")
     if _is_eqx_pair(like):
-        raise ConversionError("an Equinox (model, eqx.nn.State) pair: use convert.variables_from_functional(params, model_state, like=pair)")
+        raise ConversionError("an Equinox (model, eqx.nn.State) pair: use "
+                              "convert.variables_from_functional(params, model_state, like=pair)")
     return params_from_functional(tree, like, names=names, flatten=flatten)
 
 
@@ -1157,6 +1164,10 @@ def _layer_settings(obj: Any, names: Mapping[str, str] | None) -> dict[Path, tup
     return out
 
 
+_SAME_WITH_STRIDE = (" ('SAME' with a stride pads by the input size, (0, 1) on an even size and (1, 1) on an odd one "
+                     "for a 3x3 kernel at stride 2: give both layers padding='SAME')")
+
+
 def check_layers(source: Any, target: Any, *, source_names: Mapping[str, str] | None = None,
                  names: Mapping[str, str] | None = None) -> None:
     """Refuse two models whose layers at the same functional path would compute different things.
@@ -1185,9 +1196,10 @@ def check_layers(source: Any, target: Any, *, source_names: Mapping[str, str] | 
             raise ConversionError(f"{where}: a {row_a.kind} in the source ({row_a.layer}) but a {row_b.kind} in the target ({row_b.layer})")
         for key in (key for key in a if key in b):  # in the row's order: the padding last, strides and dilation decide it
             if a[key] != b[key]:
+                hint = _SAME_WITH_STRIDE if key == "padding" and "SAME" in (a[key], b[key]) else ""
                 raise ConversionError(
                     f"{where}: {key} is {a[key]!r} in the source ({row_a.layer}) and {b[key]!r} in the target "
-                    f"({row_b.layer}): they would compute different outputs; build the target with {key}={a[key]!r}"
+                    f"({row_b.layer}): they would compute different outputs; build the target with {key}={a[key]!r}{hint}"
                 )
 
 

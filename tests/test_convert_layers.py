@@ -5,6 +5,10 @@ flax.linen's) within 1e-5. Params are NumPy draws filled into shapes-only module
 (``eqx.filter_eval_shape``, ``nnx.eval_shape``): no initialiser is compiled.
 """
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
 import equinox as eqx
 import flax.core
 import flax.linen as fnn
@@ -14,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from flax.training.train_state import TrainState as FlaxTrainState
 
 from pureflax import TrainState, nn
 from pureflax.compat import convert, eqx_layers, flax_models, migrate
@@ -68,12 +73,15 @@ def assert_close(a, b):
 # --------------------------------------------------------------- 1. each layer kind
 
 
-class Case:
+class Case(NamedTuple):
     """One layer kind: the functional layer, an input, and the layer in each form (shapes only)."""
 
-    def __init__(self, layer, x, eqx_like, nnx_like, linen, per_example=lambda m, x: m(x)):
-        self.layer, self.x, self.eqx_like, self.nnx_like, self.linen = layer, x, eqx_like, nnx_like, linen
-        self.per_example = per_example  # the Equinox layer on one example of x
+    layer: nn.Layer
+    x: jax.Array
+    eqx_like: eqx.Module
+    nnx_like: nnx.Module
+    linen: fnn.Module
+    per_example: Callable = lambda m, x: m(x)  # the Equinox layer on one example of x
 
 
 def conv_eqx(m, x):
@@ -452,11 +460,12 @@ def bn_state():
 
 def test_model_state_travels_through_every_train_state_form(bn_state):
     params, model_state = bn_state.params, bn_state.model_state
-    model, eqx_state = convert.variables_from_functional(params, model_state, like=eqx.filter_eval_shape(eqx.nn.make_with_state(EqxBNNet), key=KEY))
-    eqx_like = TrainState.create(model, TX, eqx_state)
+    eqx_like = eqx.filter_eval_shape(eqx.nn.make_with_state(EqxBNNet), key=KEY)
+    model, eqx_state = convert.variables_from_functional(params, model_state, like=eqx_like)
+    eqx_train_state = TrainState.create(model, TX, eqx_state)
     module = convert.variables_from_functional(params, model_state, like=nnx_shapes(NNXBNNet))
     likes = {
-        "equinox": eqx_like,
+        "equinox": eqx_train_state,
         "nnx pair": (module, nnx.Optimizer(module, TX, wrt=nnx.Param)),
         "nnx states": TrainState.create(nnx.as_pure(nnx.state(module, nnx.Param)), TX, nnx.as_pure(nnx.state(module, nnx.BatchStat))),
         "flax": flax_models.TrainState.create(apply_fn=LinenBNNet().apply, params=flax.core.freeze(params), tx=TX,
@@ -467,21 +476,15 @@ def test_model_state_travels_through_every_train_state_form(bn_state):
         back = convert.to_functional(converted)
         assert int(back.step) == 1, form
         assert_trees_equal(back, bn_state)
-    eqx_state = convert.from_functional(bn_state, like=eqx_like).model_state
+    eqx_state = convert.from_functional(bn_state, like=eqx_train_state).model_state
     assert isinstance(eqx_state, eqx.nn.State)
     np.testing.assert_array_equal(eqx_state.get(model.BatchNorm_0.state_index)[1], model_state["BatchNorm_0"]["var"])
 
 
 def test_a_plain_flax_train_state_has_no_place_for_batch_stats(bn_state):
-    like = flax_train_state_like(bn_state)
+    like = FlaxTrainState.create(apply_fn=LinenBNNet().apply, params=bn_state.params, tx=TX)
     with pytest.raises(ConversionError, match="flax_models.TrainState"):
         convert.from_functional(bn_state, like=like)
-
-
-def flax_train_state_like(state):
-    from flax.training.train_state import TrainState as FlaxTrainState
-
-    return FlaxTrainState.create(apply_fn=LinenBNNet().apply, params=state.params, tx=TX)
 
 
 # -------------------------------------------------------------------- 6. failure cases
@@ -565,3 +568,8 @@ def test_an_old_style_train_state_without_model_state_still_converts(cnn):
     back = convert.to_functional(converted)
     assert back.model_state == {}
     assert_trees_equal(back, old)
+
+
+def test_docs_layers_page_shows_the_table_the_converters_read():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "layers.md").read_text()
+    assert convert.layouts_table() in page
