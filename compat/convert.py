@@ -1164,8 +1164,8 @@ def _layer_settings(obj: Any, names: Mapping[str, str] | None) -> dict[Path, tup
     return out
 
 
-_SAME_WITH_STRIDE = (" ('SAME' with a stride pads by the input size, (0, 1) on an even size and (1, 1) on an odd one "
-                     "for a 3x3 kernel at stride 2: give both layers padding='SAME')")
+_SAME_WITH_STRIDE = ("'SAME' with a stride pads by the input size ((0, 1) on an even size, (1, 1) on an odd one for a 3x3 "
+                     "kernel at stride 2), so they may compute different outputs: give both layers padding='SAME'")
 
 
 def check_layers(source: Any, target: Any, *, source_names: Mapping[str, str] | None = None,
@@ -1196,11 +1196,10 @@ def check_layers(source: Any, target: Any, *, source_names: Mapping[str, str] | 
             raise ConversionError(f"{where}: a {row_a.kind} in the source ({row_a.layer}) but a {row_b.kind} in the target ({row_b.layer})")
         for key in (key for key in a if key in b):  # in the row's order: the padding last, strides and dilation decide it
             if a[key] != b[key]:
-                hint = _SAME_WITH_STRIDE if key == "padding" and "SAME" in (a[key], b[key]) else ""
-                raise ConversionError(
-                    f"{where}: {key} is {a[key]!r} in the source ({row_a.layer}) and {b[key]!r} in the target "
-                    f"({row_b.layer}): they would compute different outputs; build the target with {key}={a[key]!r}{hint}"
-                )
+                fix = (_SAME_WITH_STRIDE if key == "padding" and "SAME" in (a[key], b[key])
+                       else f"they would compute different outputs; build the target with {key}={a[key]!r}")
+                raise ConversionError(f"{where}: {key} is {a[key]!r} in the source ({row_a.layer}) and {b[key]!r} in the "
+                                      f"target ({row_b.layer}): {fix}")
 
 
 def transfer(source: Any, like: Any, *, source_names: Mapping[str, str] | None = None, names: Mapping[str, str] | None = None,
