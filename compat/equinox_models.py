@@ -170,11 +170,12 @@ def batched_apply(
 
 
 # ------------------------------------------------------------------ the convolutional VAE
-# One example at a time, channels first (C, H, W), as Equinox layers take it. Flax's 'SAME'
-# with stride 2 pads (0, 1) — more on the high side — so the convolutions say so explicitly;
-# the transposed ones use the padding of the convolution they invert, which gives Flax's
-# ConvTranspose 'SAME'. Flattening goes through (H, W, C) so the Dense rows are in Flax's order.
-_SAME_STRIDE_2 = ((0, 1), (0, 1))
+# One example at a time, channels first (C, H, W), as Equinox layers take it. The convolutions
+# pad 'SAME' as Flax's do (with stride 2 on 28 or 14 pixels that is (0, 1): more on the high
+# side); the transposed ones use the padding of the convolution they invert, (0, 1), which
+# gives Flax's ConvTranspose 'SAME' (lax padding (2, 1)). Flattening goes through (H, W, C) so
+# the Dense rows are in Flax's order.
+_INVERTS_SAME_STRIDE_2 = ((0, 1), (0, 1))
 
 
 class ConvEncoder(eqx.Module):
@@ -185,9 +186,9 @@ class ConvEncoder(eqx.Module):
 
     def __init__(self, features: tuple[int, int], activation_fn, momentum: float, epsilon: float, *, key: PRNGKeyArray):
         k0, k1 = jax.random.split(key)
-        self.conv_0 = eqx.nn.Conv2d(1, features[0], 3, stride=2, padding=_SAME_STRIDE_2, use_bias=False, key=k0)  # BatchNorm follows
+        self.conv_0 = eqx.nn.Conv2d(1, features[0], 3, stride=2, padding="SAME", use_bias=False, key=k0)  # BatchNorm follows
         self.norm_0 = BatchNorm(features[0], momentum=momentum, eps=epsilon)
-        self.conv_1 = eqx.nn.Conv2d(features[0], features[1], 3, stride=2, padding=_SAME_STRIDE_2, key=k1)
+        self.conv_1 = eqx.nn.Conv2d(features[0], features[1], 3, stride=2, padding="SAME", key=k1)
         self.activation_fn = activation_fn
 
     def __call__(self, x: Array, state: eqx.nn.State, *, train: bool) -> tuple[Array, eqx.nn.State]:
@@ -203,9 +204,9 @@ class ConvDecoder(eqx.Module):
 
     def __init__(self, features: tuple[int, int], activation_fn, momentum: float, epsilon: float, *, key: PRNGKeyArray):
         k0, k1 = jax.random.split(key)
-        self.deconv_0 = eqx.nn.ConvTranspose2d(features[1], features[0], 3, stride=2, padding=_SAME_STRIDE_2, use_bias=False, key=k0)
+        self.deconv_0 = eqx.nn.ConvTranspose2d(features[1], features[0], 3, stride=2, padding=_INVERTS_SAME_STRIDE_2, use_bias=False, key=k0)
         self.norm_0 = BatchNorm(features[0], momentum=momentum, eps=epsilon)
-        self.deconv_1 = eqx.nn.ConvTranspose2d(features[0], 1, 3, stride=2, padding=_SAME_STRIDE_2, key=k1)
+        self.deconv_1 = eqx.nn.ConvTranspose2d(features[0], 1, 3, stride=2, padding=_INVERTS_SAME_STRIDE_2, key=k1)
         self.activation_fn = activation_fn
 
     def __call__(self, x: Array, state: eqx.nn.State, *, train: bool) -> tuple[Array, eqx.nn.State]:

@@ -14,7 +14,7 @@ import pytest
 from tiny import tiny_mnist
 
 from pureflax import checkpoint, convvae, models, rundir, step as step_lib, train, vae
-from pureflax.compat import convert, equinox_models, flax_models, load
+from pureflax.compat import convert, equinox_models, flax_models, load, nnx_models
 from pureflax.compat.backends import BACKENDS, get_backend
 from pureflax.state import TrainState
 
@@ -205,3 +205,21 @@ def test_each_file_format_of_a_conv_run_reads_back_with_the_printed_code(form, n
         got, want = nnx.state(got), nnx.state(want)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert _max_diff(got, want) == 0.0
+
+
+def test_migrate_moves_the_conv_vae_with_its_statistics_between_equinox_and_nnx(runs, inputs):
+    """The layers' settings are checked (padding as lax receives it, eps, momentum) and agree."""
+    from flax import nnx
+
+    from pureflax.compat import migrate
+    from pureflax.compat.backends import conv_sizes
+
+    out, _ = runs["equinox"]
+    source = load(out, "equinox")  # (model, eqx.nn.State)
+    like = nnx.eval_shape(lambda: nnx_models.ConvVAE(**conv_sizes(CONFIG), rngs=nnx.Rngs(0)))
+    moved = migrate(source, like)
+    x, c, key = inputs
+    want, _ = equinox_models.batched_apply_stateful(*source, x, c, key, train=False)
+    assert _max_diff(moved(x, c, key, train=False), want) <= 1e-5
+    back = migrate(moved, source)
+    assert _max_diff(back, source) == 0.0
