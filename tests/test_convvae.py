@@ -5,6 +5,7 @@ tests of this file (one ``fit`` per form).
 """
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ import pytest
 from tiny import tiny_mnist
 
 from pureflax import checkpoint, convvae, models, rundir, step as step_lib, train, vae
+from pureflax.backend import functional_init
 from pureflax.compat import convert, equinox_models, flax_models, load, nnx_models
 from pureflax.compat.backends import BACKENDS, get_backend
 from pureflax.state import TrainState
@@ -35,8 +37,7 @@ def inputs():
 
 @pytest.fixture(scope="module")
 def functional():
-    model = models.of(CONFIG)
-    return model.init(jax.random.key(0)), model.init_state()
+    return functional_init(CONFIG)(jax.random.key(0)), models.of(CONFIG).init_state()
 
 
 def test_init_is_linens_bit_for_bit(functional, inputs):
@@ -53,34 +54,46 @@ def test_init_is_linens_bit_for_bit(functional, inputs):
 def test_every_form_gives_the_functional_forward_pass_and_running_statistics(form, functional, inputs):
     params, model_state = functional
     x, c, key = inputs
-    reference = models.of(CONFIG)
-    (want, want_state) = reference.apply(params, model_state, x, c, key, train=True)
+    reference = jax.jit(models.of(CONFIG).apply, static_argnames="train")
+    (want, want_state) = reference(params, model_state, x, c, key, train=True)
     backend = get_backend(form, CONFIG)
     form_params, form_state = backend.init_params(jax.random.key(0), False), backend.init_model_state()
-    out, new_state = backend.apply(form_params, form_state, x, c, key, train=True)
+    apply = jax.jit(backend.apply, static_argnames="train")
+    out, new_state = apply(form_params, form_state, x, c, key, train=True)
     assert _max_diff(out, want) <= 1e-5
     got_state = convert.state_to_functional(new_state, form_params)
     assert _max_diff(got_state, want_state) <= 1e-6
     # inference mode: the running statistics, unchanged
-    eval_want, kept = reference.apply(params, want_state, x, c, key, train=False)
-    eval_out, eval_state = backend.apply(form_params, new_state, x, c, key, train=False)
+    eval_want, kept = reference(params, want_state, x, c, key, train=False)
+    eval_out, eval_state = apply(form_params, new_state, x, c, key, train=False)
     assert _max_diff(eval_out, eval_want) <= 1e-5
     assert _max_diff(convert.state_to_functional(eval_state, form_params), kept) <= 1e-6
     assert _max_diff(eval_want, want) > 1e-3  # the two modes differ: the test can tell them apart
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_every_form_has_the_functional_gradients(form, functional):
-    params, model_state = functional
-    batch = step_lib.Batch(jnp.asarray(tiny_mnist(4, 0).train.images), jnp.arange(4, dtype=jnp.int32))
-    grads = {}
-    for name in ("functional", form):
-        backend = get_backend(name, CONFIG)
-        loss_fn = step_lib.make_loss_fn(backend.apply, stateful=True)
-        p = backend.init_params(jax.random.key(0), False)
-        g, _ = jax.grad(loss_fn, has_aux=True)(p, batch, jax.random.key(3), backend.init_model_state())
-        grads[name] = convert.to_functional(g)
-    assert _max_diff(grads[form], grads["functional"]) <= 1e-5 * max(1.0, _max_diff(grads["functional"], jax.tree.map(jnp.zeros_like, grads["functional"])))
+def _functional_grads(backend, batch) -> dict:
+    loss_fn = step_lib.make_loss_fn(backend.apply, stateful=True)
+    params = backend.init_params(jax.random.key(0), False)
+    grads, _ = jax.jit(jax.grad(loss_fn, has_aux=True))(params, batch, jax.random.key(3), backend.init_model_state())
+    return convert.to_functional(grads)
+
+
+@pytest.fixture(scope="module")
+def grad_batch():
+    return step_lib.Batch(jnp.asarray(tiny_mnist(4, 0).train.images), jnp.arange(4, dtype=jnp.int32))
+
+
+@pytest.fixture(scope="module")
+def functional_grads(grad_batch):
+    return _functional_grads(get_backend("functional", CONFIG), grad_batch)
+
+
+@pytest.mark.parametrize("form", [f for f in FORMS if f != "functional"])
+def test_every_form_has_the_functional_gradients(form, functional_grads, grad_batch):
+    grads = _functional_grads(get_backend(form, CONFIG), grad_batch)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(functional_grads))
+    assert _max_diff(grads, functional_grads) <= 1e-5 * max(1.0, scale)
+    assert scale > 0.0
 
 
 # --------------------------------------------------------------------- runs of every form
@@ -120,24 +133,26 @@ def test_a_resumed_conv_run_restores_its_statistics_and_ends_where_the_straight_
     train.fit(half, tiny_mnist(), out, progress=False, log=lambda _: None)
     saved = checkpoint.restore_raw(out / "checkpoints", 6)
     assert set(saved) == {"step", "params", "opt_state", "model_state"}
-    resumed = train.fit(RUN, tiny_mnist(), out, progress=False, resume=True, log=lambda _: None)
+    # resumed one step per dispatch (--no-fuse): the per-step loop threads the statistics too
+    resumed = train.fit(dataclasses.replace(RUN, fuse=False), tiny_mnist(), out, progress=False, resume=True, log=lambda _: None)
     _, straight = runs["functional"]
-    assert [row["loss"] for row in resumed.log] == [row["loss"] for row in straight.log]
-    assert _max_diff(resumed.state.model_state, straight.state.model_state) == 0.0
+    assert [row["loss"] for row in resumed.log[:2]] == [row["loss"] for row in straight.log[:2]]  # restored, not re-run
+    np.testing.assert_allclose([row["loss"] for row in resumed.log], [row["loss"] for row in straight.log], rtol=1e-6)
+    assert _max_diff(resumed.state.model_state, straight.state.model_state) <= 1e-6
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_load_gives_each_form_with_its_statistics(form, runs, inputs):
     out, result = runs[form]
     x, c, key = inputs
-    reference = models.of(CONFIG)
+    reference = jax.jit(partial(models.of(CONFIG).apply, train=False))
     saved = get_backend(form, CONFIG).to_functional(result.state)
-    want, _ = reference.apply(saved.params, saved.model_state, x, c, key, train=False)
+    want, _ = reference(saved.params, saved.model_state, x, c, key)
     loaded = load(out, form)
     if form == "functional":  # (params, model_state)
-        got, _ = reference.apply(*loaded, x, c, key, train=False)
+        got, _ = reference(*loaded, x, c, key)
     elif form == "equinox":  # (model, eqx.nn.State), as eqx.nn.make_with_state returns them
-        got, _ = equinox_models.batched_apply_stateful(*loaded, x, c, key, train=False)
+        got, _ = jax.jit(partial(equinox_models.batched_apply_stateful, train=False))(*loaded, x, c, key)
     elif form == "flax":  # {'params', 'batch_stats'}
         got = flax_models.ConvVAE(features=CONFIG.features, latent_dim=CONFIG.latent_dim).apply(loaded, x, c, key, train=False)
     else:  # an nnx.Module holding its nnx.BatchStat
