@@ -98,6 +98,7 @@ def build_parser() -> Parser:
     p.add_argument("--out", type=Path, default=Path("runs/vae"), help="output folder (default runs/vae)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
     p.add_argument("--log-every", type=positive_int, default=100, help="log line every N steps (default 100)")
+    p.add_argument("--no-pictures", action="store_true", help="do not write samples.png, reconstructions.png, loss.png")
     p.add_argument("--no-fuse", action="store_true", help="dispatch one step at a time instead of one program per log window")
     p.add_argument("--devices", type=positive_int, default=1, help="data parallel over N local devices (default 1)")
     p.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache")
@@ -125,7 +126,7 @@ def configure(args: argparse.Namespace):
     return TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, kl_weight=args.kl_weight,
         seed=args.seed, log_every=args.log_every, native_init=args.init == "native", model=model, optim=optimizer,
-        fuse=not args.no_fuse, devices=args.devices, ckpt_every=args.ckpt_every, keep=args.keep, keep_best=args.keep_best,
+        fuse=not args.no_fuse, devices=args.devices, pictures=not args.no_pictures, ckpt_every=args.ckpt_every, keep=args.keep, keep_best=args.keep_best,
     )
 
 
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         again = "" if kept is None else f"; earlier checkpoints are intact (latest: step {kept}): free space, then resume with --resume"
         sys.stderr.write(f"train.py: error: {err}{again}\n")
         return 1
-    print(f"wrote {', '.join(rundir.RUN_FILES)} in {args.out}")
+    written = [name for name in rundir.RUN_FILES if not (args.no_pictures and name.endswith(".png"))]
+    print(f"wrote {', '.join(written)} in {args.out}")
     return 0
 
 

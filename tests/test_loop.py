@@ -42,7 +42,7 @@ def test_fused_and_per_step_give_the_same_losses_and_state(tmp_path, backend):
     data = tiny_mnist(n_train=96, n_test=16)
     results = {}
     for fuse in (True, False):
-        config = train.TrainConfig(epochs=2, batch_size=8, log_every=4, fuse=fuse, model=SMALL)
+        config = train.TrainConfig(epochs=2, batch_size=8, log_every=4, fuse=fuse, model=SMALL, pictures=False)
         out = tmp_path / f"fuse-{fuse}"
         out.mkdir()
         results[fuse] = train.fit(config, data, out, backend=get_backend(backend, config.model), progress=False)

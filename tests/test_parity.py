@@ -132,7 +132,7 @@ def cli_runs(tmp_path_factory):
     for name in parity.NAMES:
         runs[name] = root / name
         args = ["--backend", name, "--data", str(root / "data"), "--out", str(runs[name]),
-                "--epochs", "12", "--max-steps", "300", "--seed", "7", "--log-every", "25"]
+                "--epochs", "12", "--max-steps", "300", "--seed", "7", "--log-every", "25", "--no-pictures"]
         assert script.main(args) == 0
     return runs
 

@@ -82,7 +82,7 @@ def test_checkpoint_of_the_run_restores(smoke_run):
 
 
 def test_fit_is_deterministic_and_learns(tmp_path):
-    config = train.TrainConfig(epochs=3, batch_size=8, log_every=4, seed=3)
+    config = train.TrainConfig(epochs=3, batch_size=8, log_every=4, seed=3, pictures=False)
     data = tiny_mnist()
     results = []
     for name in ("a", "b"):
@@ -91,6 +91,7 @@ def test_fit_is_deterministic_and_learns(tmp_path):
     a, b = results
     assert [r["loss"] for r in a.log] == [r["loss"] for r in b.log]
     assert a.log[-1]["loss"] < a.log[0]["loss"]
+    assert not list((tmp_path / "a").glob("*.png"))  # pictures=False: none drawn
     for x, y in zip(jax.tree_util.tree_leaves(a.state), jax.tree_util.tree_leaves(b.state)):
         np.testing.assert_array_equal(x, y)
 
@@ -177,8 +178,9 @@ def test_every_flag_works_with_every_backend(tiny_data, tmp_path, backend):
             "--max-steps", "8", "--log-every", "4", "--kl-weight", "0.25", "--lr", "3e-4",
             "--optimizer", "adam", "--schedule", "warmup", "--warmup-steps", "2", "--end-lr", "1e-5",
             "--clip-norm", "1.0", "--ema", "0.9", "--grad-accum", "2", "--freeze", "encoder/Dense_0",
-            "--seed", "0x10"]
+            "--seed", "0x10", "--no-pictures"]
     assert load_script().main(args) == 0
+    assert not list((tmp_path / "o").glob("*.png"))
     rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and rows[-1]["steps"] == 8
     assert np.isclose(rows[0]["loss"], rows[0]["mse"] + 0.25 * rows[0]["kl"], rtol=1e-4)

@@ -26,7 +26,7 @@ NOISE = jax.random.PRNGKey(7)
 def run(tmp_path_factory):
     """A 12-step Flax run with a warmup schedule, checkpointed at steps 6 and 12."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    config = train.TrainConfig(epochs=2, batch_size=8, log_every=6, ckpt_every=6, model=CONFIG,
+    config = train.TrainConfig(epochs=2, batch_size=8, log_every=6, ckpt_every=6, model=CONFIG, pictures=False,
                                optim=optim.OptimConfig(schedule="warmup", warmup_steps=4, lr=1e-3))
     train.fit(config, tiny_mnist(n_train=48, n_test=8), out, backend=get_backend("flax", CONFIG), progress=False)
     assert checkpoint.all_steps(out / "checkpoints") == [6, 12]

@@ -170,7 +170,7 @@ FIXED = {
     "seed": "the data order and every key derive from it",
     "data": "the saved position indexes into that data",
 }
-FLAGS = {"native_init": "--init", "fuse": "--no-fuse", "data": "--data", "model_kind": "--model"}
+FLAGS = {"native_init": "--init", "fuse": "--no-fuse", "data": "--data", "model_kind": "--model", "pictures": "--no-pictures"}
 # Settings that runs recorded before the setting existed had, in effect.
 EARLIER_DEFAULTS = {"model_kind": "mlp"}
 

@@ -53,6 +53,7 @@ class TrainConfig:
     ckpt_every: int | None = None  # also checkpoint every this many steps (None: only at the end)
     keep: int | None = None  # keep the newest this many checkpoints (None: all)
     keep_best: bool = False  # also keep the checkpoint with the best test loss
+    pictures: bool = True  # write samples.png, reconstructions.png and loss.png at the end
     model: models.ModelConfig = vae.VAEConfig()  # or convvae.ConvVAEConfig (--model conv)
     optim: optim.OptimConfig = optim.OptimConfig()
 
@@ -271,10 +272,11 @@ def fit(
             folder.save(backend.to_functional(state), pos, float(test_metrics.loss))
         folder.wait()
         hook("final", pos.step)
-        with folder.writing("pictures", pos.step):
-            functional = backend.to_functional(state)
-            report.write_pictures(functional.params, functional.model_state, test, config.model, keys.sample, folder.out,
-                                  folder.logged(), float(test_metrics.loss))
+        if config.pictures:
+            with folder.writing("pictures", pos.step):
+                functional = backend.to_functional(state)
+                report.write_pictures(functional.params, functional.model_state, test, config.model, keys.sample,
+                                      folder.out, folder.logged(), float(test_metrics.loss))
         final = final_row(test_metrics, pos, plan, folder.saved, time.perf_counter() - start)
         folder.finish(final)
     print(summary(final))
