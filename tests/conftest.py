@@ -42,3 +42,16 @@ def getkey():
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+# The slowest files first, so pytest-xdist (--dist=loadfile, --no-loadscope-reorder) hands them
+# out before the quick ones and the workers finish together: seconds of one worker each,
+# measured with --durations=0 on a 2-core CPU. Files not listed keep their order, after these.
+SLOWEST_FIRST = ("test_resume.py", "test_convvae.py", "test_docs.py", "test_train.py", "test_parity.py",
+                 "test_loop.py", "test_trained.py", "test_nnx.py", "test_backends.py", "test_layers.py",
+                 "test_convert.py", "test_vae.py", "test_convert_layers.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
