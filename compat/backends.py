@@ -50,10 +50,6 @@ def conv_sizes(config: convvae.ConvVAEConfig) -> dict:
                 momentum=config.momentum, epsilon=config.epsilon)
 
 
-def _create_state(params: Any, tx, model_state: Any = None) -> TrainState:
-    return TrainState.create(params, tx, model_state)
-
-
 def equinox_backend(config: models.ModelConfig) -> Backend:
     """Params are an ``equinox_models.VAE``; state a :class:`pureflax.TrainState` holding it."""
     if models.kind_of(config) == "conv":
@@ -73,7 +69,7 @@ def equinox_backend(config: models.ModelConfig) -> Backend:
         name="equinox",
         init_params=init_params,
         param_names=convert.param_names,
-        create_state=_create_state,
+        create_state=TrainState.create,
         apply=equinox_models.batched_apply,
         apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
         to_functional=convert.to_functional,
@@ -97,7 +93,7 @@ def _equinox_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
         return equinox_models.batched_apply_stateful(params, model_state, x, c, key, train=train)
 
     return Backend(
-        name="equinox", init_params=init_params, param_names=convert.param_names, create_state=_create_state,
+        name="equinox", init_params=init_params, param_names=convert.param_names, create_state=TrainState.create,
         apply=apply, apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
         to_functional=convert.to_functional, from_functional=convert.from_functional,
         init_model_state=lambda: convert.state_from_functional(functional.init_state(), state_skeleton, skeleton),
@@ -201,7 +197,7 @@ def nnx_backend(config: models.ModelConfig) -> Backend:
         name="nnx",
         init_params=init_params,
         param_names=convert.param_names,
-        create_state=_create_state,
+        create_state=TrainState.create,
         apply=apply,
         apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
         to_functional=convert.to_functional,
@@ -226,7 +222,7 @@ def _nnx_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
         return out, nnx.as_pure(nnx.state(model, nnx.BatchStat))
 
     return Backend(
-        name="nnx", init_params=init_params, param_names=convert.param_names, create_state=_create_state,
+        name="nnx", init_params=init_params, param_names=convert.param_names, create_state=TrainState.create,
         apply=apply, apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
         to_functional=convert.to_functional, from_functional=convert.from_functional,
         init_model_state=lambda: convert.state_from_functional(functional.init_state(), like_stats, None),

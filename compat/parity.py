@@ -77,10 +77,12 @@ def _pairwise(values: dict[str, Any], measure) -> dict[tuple[str, str], float]:
 
 
 def _eval_apply(backend, params: Any, x, c, key):
-    """The forward pass in inference mode (BatchNorm on its initial running statistics)."""
+    """The forward pass in inference mode; a stateful model's BatchNorm on the running statistics
+    one training call on the same batch leaves (not the initial ones, under which it is affine)."""
     if not backend.stateful:
         return backend.apply(params, x, c, key)
-    return backend.apply(params, backend.init_model_state(), x, c, key, train=False)[0]
+    _, model_state = backend.apply(params, backend.init_model_state(), x, c, key, train=True)
+    return backend.apply(params, model_state, x, c, key, train=False)[0]
 
 
 def forward_max_abs_diff(config: models.ModelConfig, key: jax.Array, batch: step_lib.Batch) -> dict[tuple[str, str], float]:

@@ -30,9 +30,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from pureflax import checkpoint, models, train, vae
+from pureflax import checkpoint, convvae, models, train, vae
 from pureflax.compat import convert
-from pureflax.compat.backends import BACKENDS, get_backend
+from pureflax.compat.backends import BACKENDS, conv_sizes, get_backend
 
 # Each form's file format: the suffixes it writes, first the default.
 SUFFIXES = {"functional": checkpoint.PARAM_FILES, "equinox": (".eqx",), "flax": (".msgpack",), "nnx": ("",)}
@@ -229,7 +229,7 @@ def _arguments(config: Any, names: tuple[str, ...]) -> str:
 
 
 # Each model's module class and the config fields its Equinox/NNX (and Linen) constructors take.
-_CONV_SIZES = ("latent_dim", "features", "num_classes", "image_size", "momentum", "epsilon")
+_CONV_SIZES = tuple(name for name in conv_sizes(convvae.ConvVAEConfig()) if name != "activation_fn")
 _SIZES = {
     "mlp": ("VAE", ("latent_dim", "encoder_dimensions", "decoder_dimensions", "num_classes", "input_dim"),
             ("latent_dim", "encoder_dimensions", "decoder_dimensions")),

@@ -50,28 +50,30 @@ def main() -> None:
     args = parser.parse_args()
 
     config, key = models.KINDS[args.model](), jax.random.PRNGKey(0xFFFF)
+    params = "params and statistics" if models.of(config).stateful else "params"
+    train_py = "`train.py --max-steps 300`" if args.model == "mlp" else f"`train.py --model {args.model} --max-steps 300`"
     synthetic = [parity.random_batch(jax.random.PRNGKey(100 + i), 16) for i in range(200)]
     rows = [
         ("forward (recon, mean, logvar), inference mode, max abs", "≤ 1e-5", parity.forward_max_abs_diff(config, key, synthetic[0])),
         ("gradients, max relative", "≤ 1e-5", parity.grad_max_rel_diff(config, key, synthetic[1])),
-        ("params after 200 adamw(1e-4) steps, MNIST-like synthetic, max abs", "≤ 1e-4",
+        (f"{params} after 200 adamw(1e-4) steps, MNIST-like synthetic, max abs", "≤ 1e-4",
          parity.trained_params_max_abs_diff(config, key, synthetic)),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         if not args.synthetic:
             mnist = data_lib.load_mnist(args.data)
-            rows.append(("params after 200 adamw(1e-4) steps, real MNIST, max abs", "≤ 1e-4",
+            rows.append((f"{params} after 200 adamw(1e-4) steps, real MNIST, max abs", "≤ 1e-4",
                          parity.trained_params_max_abs_diff(config, key, mnist_batches(mnist, 200))))
-            rows.append(("stress: params after 200 adamw(1e-3) steps, real MNIST, max abs", "—",
+            rows.append((f"stress: {params} after 200 adamw(1e-3) steps, real MNIST, max abs", "—",
                          parity.trained_params_max_abs_diff(config, key, mnist_batches(mnist, 200), lr=1e-3)))
             data_lib.save_mnist(mnist, Path(tmp) / "mnist")
             runs = cli_runs(Path(tmp) / "mnist", Path(tmp), 300, args.model)
-            rows.append(("`train.py --max-steps 300`, same seed, real MNIST: loss/mse/kl logs, max relative", "≤ 1e-3",
+            rows.append((f"{train_py}, same seed, real MNIST: loss/mse/kl logs, max relative", "≤ 1e-3",
                          parity.log_max_rel_diff(runs)))
-        rows.append(("stress: params after 200 adamw(1e-3) steps, MNIST-like synthetic, max abs", "—",
+        rows.append((f"stress: {params} after 200 adamw(1e-3) steps, MNIST-like synthetic, max abs", "—",
                      parity.trained_params_max_abs_diff(config, key, synthetic, lr=1e-3)))
         noise = [parity.noise_batch(jax.random.PRNGKey(100 + i), 16) for i in range(200)]
-        rows.append(("stress: params after 200 adamw(1e-4) steps, uniform-noise images, max abs", "—",
+        rows.append((f"stress: {params} after 200 adamw(1e-4) steps, uniform-noise images, max abs", "—",
                      parity.trained_params_max_abs_diff(config, key, noise)))
 
     print("| measure | limit | worst pair | functional–flax |")

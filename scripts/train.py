@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size {config.batch_size} is larger than the {len(mnist.train.labels)} training images")
     where = f"{config.devices} devices, data parallel" if config.devices > 1 else "1 device"
     print(
-        f"training {args.backend} VAE ({'fused' if config.fuse else 'per step'}, {where}): "
+        f"training {args.backend} {args.model} VAE ({'fused' if config.fuse else 'per step'}, {where}): "
         f"{len(mnist.train.labels)} train / {len(mnist.test.labels)} test images -> {args.out}"
     )
     try:
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         again = "" if kept is None else f"; earlier checkpoints are intact (latest: step {kept}): free space, then resume with --resume"
         sys.stderr.write(f"train.py: error: {err}{again}\n")
         return 1
-    written = [name for name in rundir.RUN_FILES if not (args.no_pictures and name.endswith(".png"))]
+    written = [name for name in rundir.RUN_FILES if not (args.no_pictures and name in rundir.PICTURES)]
     print(f"wrote {', '.join(written)} in {args.out}")
     return 0
 

@@ -241,3 +241,18 @@ def test_migrate_moves_the_conv_vae_with_its_statistics_between_equinox_and_nnx(
     assert _max_diff(moved(x, c, key, train=False), want) <= 1e-5
     back = migrate(moved, source)
     assert _max_diff(back, source) == 0.0
+
+
+def test_train_py_offers_the_librarys_models_and_backends():
+    from tiny import load_script
+
+    script = load_script("train")
+    assert script.MODELS == tuple(models.KINDS) and script.BACKENDS == tuple(BACKENDS)
+
+
+def test_a_flax_state_with_batch_stats_is_not_saved_without_them(runs, tmp_path):
+    _, result = runs["flax"]
+    with pytest.raises(ValueError, match="batch_stats"):
+        checkpoint.save(tmp_path / "c", result.state)
+    checkpoint.save(tmp_path / "c", convert.to_functional(result.state))
+    assert "model_state" in checkpoint.restore_raw(tmp_path / "c")

@@ -111,3 +111,8 @@ def test_read_log_drops_lines_cut_short(tmp_path):
     assert bad == 1 and len(rows) == 3
     assert rundir.rows_up_to(rows, 4) == [{"global_step": 4, "loss": 1}]  # the final row is written again
     assert rundir.read_log(tmp_path / "none") == ([], 0)
+
+
+def test_a_changed_no_flag_is_noted_as_the_flag_not_the_inverted_setting():
+    _, notes = rundir.compare_settings({"pictures": True, "fuse": False}, {"pictures": False, "fuse": True})
+    assert notes == ["--no-fuse is off from here on (the run had on)", "--no-pictures is on from here on (the run had off)"]

@@ -75,6 +75,9 @@ def _as_tree(state: Any) -> dict[str, Any]:
     A model without state (the MLP VAE: ``model_state == {}``) saves exactly the three items
     checkpoints held before model state existed, so old and new checkpoints restore alike.
     """
+    if not hasattr(state, "model_state") and jax.tree_util.tree_leaves(getattr(state, "batch_stats", None)):
+        raise ValueError("this state keeps batch_stats, which a checkpoint holds as model_state: "
+                         "save pureflax.compat.to_functional(state)")
     tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
     if jax.tree_util.tree_leaves(getattr(state, "model_state", {})):
         tree["model_state"] = state.model_state

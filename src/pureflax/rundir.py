@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from pureflax import checkpoint, models, report
 
-RUN_FILES = ("metrics.jsonl", "samples.png", "reconstructions.png", "loss.png", "checkpoints")
+PICTURES = ("samples.png", "reconstructions.png", "loss.png")
+RUN_FILES = ("metrics.jsonl", *PICTURES, "checkpoints")
 LOCK = ".lock"
 
 
@@ -171,6 +172,8 @@ FIXED = {
     "data": "the saved position indexes into that data",
 }
 FLAGS = {"native_init": "--init", "fuse": "--no-fuse", "data": "--data", "model_kind": "--model", "pictures": "--no-pictures"}
+# Settings set by a --no-X flag: True means the flag is absent.
+NEGATED = {"fuse", "pictures"}
 # Settings that runs recorded before the setting existed had, in effect.
 EARLIER_DEFAULTS = {"model_kind": "mlp"}
 
@@ -195,7 +198,9 @@ def flag_of(name: str) -> str:
     return FLAGS.get(name, "--" + name.rsplit(".", 1)[-1].replace("_", "-"))
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, name: str = "") -> str:
+    if name in NEGATED:  # a --no-X flag: say whether the flag is given, not the setting's value
+        return "off" if value else "on"
     if value is None:
         return "unset"
     if isinstance(value, list):
@@ -221,11 +226,11 @@ def compare_settings(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[s
         flag = flag_of(name)
         if group:
             refused.append(
-                f"--resume: {flag} {_show(new)} differs from the run's {_show(old)} ({FIXED[group]}); "
-                f"resume with {flag} {_show(old)}, or start a new run in another --out"
+                f"--resume: {flag} {_show(new, name)} differs from the run's {_show(old, name)} ({FIXED[group]}); "
+                f"resume with {flag} {_show(old, name)}, or start a new run in another --out"
             )
         else:
-            notes.append(f"{flag} is {_show(new)} from here on (the run had {_show(old)})")
+            notes.append(f"{flag} is {_show(new, name)} from here on (the run had {_show(old, name)})")
     return refused, notes
 
 
