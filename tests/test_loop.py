@@ -79,7 +79,7 @@ main = load_script("train").main
 for devices in (1, 4):
     print(f"=== --devices {devices}", flush=True)
     code = main(["--data", sys.argv[2], "--out", f"{sys.argv[3]}/d{devices}", "--epochs", "2",
-                 "--batch-size", "16", "--log-every", "4", "--devices", str(devices)])
+                 "--batch-size", "16", "--log-every", "4", "--devices", str(devices), "--no-pictures"])
     sys.stdout.flush()
     if code:
         sys.exit(code)
