@@ -80,10 +80,12 @@ def cmd_show(directory: Path, step: int) -> None:
         if meta.get(key) is not None:
             print(f"  {key}: {meta[key]}")
     leaves = checkpoint.saved_leaves(directory, step)
-    params = {path[len("params/"):]: v for path, v in leaves.items() if path.startswith("params/")}
-    print(f"  params: {len(params)} arrays, {sum(int(np.prod(shape)) for shape, _ in params.values()):,} values")
-    for name, (shape, dtype) in params.items():
-        print(f"    {name:40s} {str(shape):14s} {dtype}")
+    for part in ("params", "model_state"):  # model_state: BatchNorm's running statistics (--model conv)
+        arrays = {path[len(part) + 1:]: v for path, v in leaves.items() if path.startswith(part + "/")}
+        if part == "params" or arrays:
+            print(f"  {part}: {len(arrays)} arrays, {sum(int(np.prod(shape)) for shape, _ in arrays.values()):,} values")
+        for name, (shape, dtype) in arrays.items():
+            print(f"    {name:40s} {str(shape):14s} {dtype}")
 
 
 def cmd_export(directory: Path, target: Path, step: int) -> None:

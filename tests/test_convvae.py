@@ -256,3 +256,12 @@ def test_a_flax_state_with_batch_stats_is_not_saved_without_them(runs, tmp_path)
         checkpoint.save(tmp_path / "c", result.state)
     checkpoint.save(tmp_path / "c", convert.to_functional(result.state))
     assert "model_state" in checkpoint.restore_raw(tmp_path / "c")
+
+
+def test_checkpoints_show_lists_the_running_statistics(runs, capsys):
+    from tiny import load_script
+
+    out, _ = runs["functional"]
+    assert load_script("checkpoints").main(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "model_state: 4 arrays, 16 values" in shown and "encoder/norm_0/var" in shown
