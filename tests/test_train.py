@@ -184,3 +184,30 @@ def test_every_flag_works_with_every_backend(tiny_data, tmp_path, backend):
     rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and rows[-1]["steps"] == 8
     assert np.isclose(rows[0]["loss"], rows[0]["mse"] + 0.25 * rows[0]["kl"], rtol=1e-4)
+
+
+def test_the_next_chunk_is_dispatched_before_a_chunks_metrics_are_read(tmp_path, monkeypatch):
+    """No host stall between chunks: chunk k+1 is on its way while chunk k is logged; a save waits."""
+    from pureflax import loop, rundir
+
+    events = []
+    make = loop.make_fused_runner
+
+    def logging_runner(*args, **kwargs):
+        run = make(*args, **kwargs)
+
+        def dispatch(state, data, order, start, key, length):
+            events.append(("dispatch", int(start)))
+            return run(state, data, order, start, key, length)
+
+        return dispatch
+
+    record = rundir.RunFolder.record
+    monkeypatch.setattr(loop, "make_fused_runner", logging_runner)
+    monkeypatch.setattr(rundir.RunFolder, "record", lambda self, pos, metrics: events.append(("read", pos.step)) or record(self, pos, metrics))
+    monkeypatch.setattr(rundir.RunFolder, "save", lambda self, state, pos, *a, save=rundir.RunFolder.save: events.append(("save", pos.step)) or save(self, state, pos, *a))
+    config = train.TrainConfig(epochs=1, batch_size=8, log_every=2, ckpt_every=6, pictures=False)
+    train.fit(config, tiny_mnist(n_train=80, n_test=8), tmp_path / "o", progress=False)
+    # chunks of 2 steps (10 in all), a checkpoint at 6: its chunk is read and saved before the next is dispatched
+    assert events[:8] == [("dispatch", 0), ("dispatch", 2), ("read", 0), ("dispatch", 4), ("read", 2), ("read", 4),
+                          ("save", 6), ("dispatch", 6)]

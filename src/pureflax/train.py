@@ -256,17 +256,32 @@ def fit(
         state, pos = folder.start(state, backend.to_functional, backend.from_functional)
         state = placement.replicate(state)
         runner = (loop.make_fused_runner if config.fuse else loop.make_per_step_runner)(train_step, placement)
-        for chunk in rundir.chunks(pos.step, plan):
-            state, metrics = runner(state, train, order(chunk.epoch), chunk.start, keys.train, chunk.length)
-            folder.wait()  # the previous save commits (or fails, loudly) while this chunk computes
+
+        def take(pos: rundir.Position, metrics: Any) -> rundir.Position:
+            """A dispatched chunk's metrics: read (waiting for them), checked, recorded."""
             metrics = np.asarray(jax.device_get(metrics), np.float64)
             check_finite(metrics, pos.step)
             pos = folder.record(pos, metrics)
             hook("chunk", pos.step)
+            return pos
+
+        in_flight = None  # the metrics of the chunk dispatched last, not read yet
+        for chunk in rundir.chunks(pos.step, plan):
+            state, metrics = runner(state, train, order(chunk.epoch), chunk.start, keys.train, chunk.length)
+            folder.wait()  # the previous save commits (or fails, loudly) while this chunk computes
+            if in_flight is not None:  # the chunk before: logged while this one computes (no host stall)
+                pos = take(pos, in_flight)
+            in_flight = metrics
+            end = pos.step + chunk.length
+            if folder.stop_signal is None and not plan.checkpoint_due(end):
+                continue  # the next chunk is dispatched before this one's metrics are read
+            pos, in_flight = take(pos, in_flight), None  # a save needs this state before the next chunk donates it
             if folder.stop_signal is not None or plan.checkpoint_due(pos.step):
                 folder.save(backend.to_functional(state), pos, float(evaluate(state).loss) if config.keep_best else None)
             if folder.stop_signal is not None:
                 raise rundir.Interrupted(folder.stop_signal, pos.step)
+        if in_flight is not None:
+            pos = take(pos, in_flight)
         test_metrics = evaluate(state)
         if folder.saved != plan.total:  # a resumed run that only lacked its final row has it already
             folder.save(backend.to_functional(state), pos, float(test_metrics.loss))
