@@ -64,7 +64,9 @@ def test_smoke_run_writes_every_output(smoke_run):
         assert {"epoch", "step", "loss", "mse", "kl"} <= row.keys()
         assert np.isclose(row["loss"], row["mse"] + 0.5 * row["kl"], rtol=1e-4)
     assert [r["epoch"] for r in logged] == [0, 0, 0, 1, 1, 1]
-    assert {"test_loss", "test_mse", "test_kl", "seconds"} <= final.keys()
+    assert {"test_loss", "test_mse", "test_kl", "seconds", "compile_seconds", "step_seconds"} <= final.keys()
+    assert 0 < final["compile_seconds"] and 0 < final["step_seconds"]
+    assert final["compile_seconds"] + final["step_seconds"] <= final["seconds"]
     assert final["steps"] == 24 and final["checkpoint_step"] == 24
     for name in ("samples.png", "reconstructions.png", "loss.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

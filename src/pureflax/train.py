@@ -195,14 +195,24 @@ def restore_state(directory: str | Path, like: Any, backend: Backend, step: int 
     return backend.from_functional(functional, like)
 
 
-def final_row(test: step_lib.Metrics, pos: rundir.Position, plan: rundir.Plan, checkpoint_step: int, seconds: float) -> dict[str, Any]:
-    """The last row of ``metrics.jsonl``: test metrics, the final epoch's means, where it was saved."""
+class Timing(NamedTuple):
+    """Where a run's time went: ``compile`` (the first dispatch of each chunk length, which compiles or
+    loads it from the cache), ``steps`` (from the first dispatch to the last chunk's metrics, less
+    ``compile``) and ``total`` (all of ``fit``)."""
+
+    compile: float
+    steps: float
+    total: float
+
+
+def final_row(test: step_lib.Metrics, pos: rundir.Position, plan: rundir.Plan, checkpoint_step: int, timing: Timing) -> dict[str, Any]:
+    """The last row of ``metrics.jsonl``: test metrics, the final epoch's means, where it was saved, the time."""
     loss, mse, kl = rundir.epoch_means(pos)
     return {
         "test_loss": float(test.loss), "test_mse": float(test.mse), "test_kl": float(test.kl),
         "final_epoch": rundir.epoch_of(plan.total, plan.steps_per_epoch), "final_epoch_loss": loss,
         "final_epoch_mse": mse, "final_epoch_kl": kl, "steps": plan.total, "checkpoint_step": checkpoint_step,
-        "seconds": round(seconds, 2),
+        "compile_seconds": round(timing.compile, 2), "step_seconds": round(timing.steps, 2), "seconds": round(timing.total, 2),
     }
 
 
@@ -266,8 +276,13 @@ def fit(
             return pos
 
         in_flight = None  # the metrics of the chunk dispatched last, not read yet
+        compiled, compile_seconds, steps_start = set(), 0.0, time.perf_counter()
         for chunk in rundir.chunks(pos.step, plan):
+            dispatched = time.perf_counter()
             state, metrics = runner(state, train, order(chunk.epoch), chunk.start, keys.train, chunk.length)
+            if chunk.length not in compiled:  # a dispatch returns once the program is compiled (or loaded) and queued
+                compiled.add(chunk.length)
+                compile_seconds += time.perf_counter() - dispatched
             folder.wait()  # the previous save commits (or fails, loudly) while this chunk computes
             if in_flight is not None:  # the chunk before: logged while this one computes (no host stall)
                 pos = take(pos, in_flight)
@@ -282,6 +297,7 @@ def fit(
                 raise rundir.Interrupted(folder.stop_signal, pos.step)
         if in_flight is not None:
             pos = take(pos, in_flight)
+        steps_seconds = time.perf_counter() - steps_start - compile_seconds
         test_metrics = evaluate(state)
         if folder.saved != plan.total:  # a resumed run that only lacked its final row has it already
             folder.save(backend.to_functional(state), pos, float(test_metrics.loss))
@@ -292,7 +308,7 @@ def fit(
                 functional = backend.to_functional(state)
                 report.write_pictures(functional.params, functional.model_state, test, config.model, keys.sample,
                                       folder.out, folder.logged(), float(test_metrics.loss))
-        final = final_row(test_metrics, pos, plan, folder.saved, time.perf_counter() - start)
+        final = final_row(test_metrics, pos, plan, folder.saved, Timing(compile_seconds, steps_seconds, time.perf_counter() - start))
         folder.finish(final)
     print(summary(final))
     return RunResult(state, folder.logged(), final)
