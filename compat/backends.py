@@ -28,7 +28,7 @@ from pureflax import convvae, models, nn, vae
 from pureflax.backend import Backend, functional_backend, functional_init
 from pureflax.compat import convert, equinox_models, flax_models, nnx_models
 from pureflax.state import TrainState
-from pureflax.step import BATCH_STATS, MODEL_STATE
+from pureflax.step import BATCH_STATS, MODEL_STATE, default_apply_gradients
 
 
 def module_sizes(config: vae.VAEConfig) -> dict:
@@ -71,7 +71,7 @@ def equinox_backend(config: models.ModelConfig) -> Backend:
         param_names=convert.param_names,
         create_state=TrainState.create,
         apply=equinox_models.batched_apply,
-        apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
+        apply_gradients=default_apply_gradients,
         to_functional=convert.to_functional,
         from_functional=convert.from_functional,
     )
@@ -94,7 +94,7 @@ def _equinox_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
 
     return Backend(
         name="equinox", init_params=init_params, param_names=convert.param_names, create_state=TrainState.create,
-        apply=apply, apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
+        apply=apply, apply_gradients=default_apply_gradients,
         to_functional=convert.to_functional, from_functional=convert.from_functional,
         init_model_state=lambda: convert.state_from_functional(functional.init_state(), state_skeleton, skeleton),
         slot=MODEL_STATE,
@@ -199,7 +199,7 @@ def nnx_backend(config: models.ModelConfig) -> Backend:
         param_names=convert.param_names,
         create_state=TrainState.create,
         apply=apply,
-        apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
+        apply_gradients=default_apply_gradients,
         to_functional=convert.to_functional,
         from_functional=convert.from_functional,
     )
@@ -223,7 +223,7 @@ def _nnx_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
 
     return Backend(
         name="nnx", init_params=init_params, param_names=convert.param_names, create_state=TrainState.create,
-        apply=apply, apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads, tx=tx)),
+        apply=apply, apply_gradients=default_apply_gradients,
         to_functional=convert.to_functional, from_functional=convert.from_functional,
         init_model_state=lambda: convert.state_from_functional(functional.init_state(), like_stats, None),
         slot=MODEL_STATE,
