@@ -1,13 +1,16 @@
-"""Side-by-side training throughput: the tutorial's loop, the NNX docs' loop, each backend per step and fused.
+"""Side-by-side training throughput: the tutorial's loop, its peers, each backend per step and fused, the bound.
 
-    .venv/bin/python scripts/bench.py [--json bench.json] [--steps 800] [--repeats 5]
+    .venv/bin/python scripts/bench.py [--quick] [--json bench.json] [--steps 800] [--repeats 5]
 
-All in one process, batch 16, the full-size VAE, adamw(1e-4). Throughput is the median of
-``--repeats`` timed runs after a warm-up, all the loops taking turns in every repeat;
-compile time is measured separately. A float32
-matmul measured in the same run stands in for the machine's peak, for the MFU column; a fused scan
-of only the step's own matrix products (``gemm_run``) is the in-run bound each fused loop is
-reported against (``fraction_of_bound``).
+All in one process, the full-size VAE, adamw(1e-4). Throughput is the median of ``--repeats``
+timed runs after a warm-up, all the loops taking turns in every repeat; compile time is measured
+separately. At batch 16: the tutorial's loop, the NNX docs' and the Equinox examples' loops, every
+backend per step and fused, and a fused scan of only the step's own matrix products
+(``gemm_run``), the in-run bound each fused loop is reported against (``fraction_of_bound``); a
+float32 matmul measured in the same run stands in for the machine's peak, for the MFU column.
+Then how cost grows with the batch (16, 64, 256) for the MLP and the conv VAE: images/s,
+steps/s, compile seconds and peak memory of the tutorial's way against the fused loop.
+``--quick`` (under a minute) takes fewer steps and repeats, leaves out the per-step rows and scales the MLP only.
 """
 
 from __future__ import annotations
@@ -18,16 +21,19 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from pureflax import loop, losses, train, vae
-from pureflax.compat import flax_models, nnx_models
+from pureflax import loop, losses, models, train, vae
+from pureflax.compat import equinox_models, flax_models, nnx_models
 from pureflax.compat.backends import BACKENDS, get_backend
 from pureflax.step import Batch
 
@@ -71,9 +77,32 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def tutorial_loop(images: np.ndarray, labels: np.ndarray):
+def peak_bytes(compiled) -> int | None:
+    """A compiled program's peak memory: its arguments, outputs not aliased to them, and scratch."""
+    memory = compiled.memory_analysis()
+    if memory is None:  # a backend that does not report it
+        return None
+    return memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+
+
+class Loop(NamedTuple):
+    """A contender: ``run(n)`` takes ``n`` steps and blocks; its compile seconds and peak bytes."""
+
+    run: Callable[[int], None]
+    compile_seconds: float | None = None
+    peak_bytes: int | None = None
+
+
+def compiled_and_seconds(jitted, *args):
+    """``jitted`` lowered and compiled for ``args``, and the seconds that took."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def tutorial_loop(images: np.ndarray, labels: np.ndarray, batch_size: int = BATCH) -> Loop:
     """The tutorial's training loop as the tutorial writes it: linen VAE, jitted step, host batches."""
-    batch_size, latent_dim, num_classes, kl_weight = BATCH, 32, NUM_CLASSES, KL_WEIGHT
+    latent_dim, num_classes, kl_weight = 32, NUM_CLASSES, KL_WEIGHT
     key = jax.random.PRNGKey(0xFFFF)
 
     def create_train_step(key, model, optimiser):
@@ -121,8 +150,10 @@ def tutorial_loop(images: np.ndarray, labels: np.ndarray):
         jax.block_until_ready(params)
         state.update(params=params, opt_state=opt_state, key=key)
 
+    x0, c0 = images[:batch_size].reshape(batch_size, 784), labels[:batch_size]
+    compiled, seconds = compiled_and_seconds(train_step, params, opt_state, x0, c0, key)
     run(50)  # compile and warm up
-    return run
+    return Loop(run, seconds, peak_bytes(compiled))
 
 
 def nnx_loop(images: np.ndarray, labels: np.ndarray):
@@ -168,22 +199,71 @@ def nnx_loop(images: np.ndarray, labels: np.ndarray):
         state.update(key=key)
 
     run(50)  # compile and warm up
-    return run
+    return Loop(run)
 
 
-def backend_runs(name: str, data: Batch, chunk: int):
-    """(per-step run, fused run, fused compile seconds) for one backend, both warmed up."""
-    config = train.TrainConfig()
-    backend = get_backend(name, config.model)
+def equinox_loop(images: np.ndarray, labels: np.ndarray) -> Loop:
+    """The loop the Equinox examples teach: an ``eqx.Module``, ``eqx.filter_jit`` step,
+    ``eqx.filter_value_and_grad``, optax on ``eqx.filter(model, eqx.is_array)``, host batches.
+
+    The model is written for one example and ``jax.vmap``-ed over the batch with one noise key
+    per example, as Equinox code does; batches, keys and loss totals are handled on the host as in
+    :func:`tutorial_loop`.
+    """
+    batch_size, latent_dim, num_classes, kl_weight = BATCH, 32, NUM_CLASSES, KL_WEIGHT
+    key, model_key = jax.random.split(jax.random.PRNGKey(0xFFFF))
+    model = equinox_models.VAE(latent_dim=latent_dim, key=model_key)
+    optim = optax.adamw(learning_rate=1e-4)
+    opt_state = optim.init(eqx.filter(model, eqx.is_array))
+
+    def loss_fn(model, x, c, key):
+        recon, mean, logvar = jax.vmap(model)(x, c, jax.random.split(key, x.shape[0]))
+        return losses.vae_loss(recon, x, mean, logvar, kl_weight)
+
+    @eqx.filter_jit
+    def make_step(model, opt_state, x, c, key):
+        c = jax.nn.one_hot(c, num_classes)
+        (loss, (mse_loss, kl_loss)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model, x, c, key)
+        updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        model = eqx.apply_updates(model, updates)
+        return model, opt_state, loss, mse_loss, kl_loss
+
+    state = {"model": model, "opt_state": opt_state, "key": key}
+    num_batches = len(labels) // batch_size
+
+    def run(n: int) -> None:
+        model, opt_state, key = state["model"], state["opt_state"], state["key"]
+        total_loss, total_mse, total_kl = 0.0, 0.0, 0.0
+        for i in range(n):
+            key, subkey = jax.random.split(key)
+            j = i % num_batches
+            x = images[j * batch_size : (j + 1) * batch_size].reshape(batch_size, 784)  # host numpy, as from the DataLoader
+            c = labels[j * batch_size : (j + 1) * batch_size]
+            model, opt_state, loss, mse_loss, kl_loss = make_step(model, opt_state, x, c, subkey)
+            total_loss += loss
+            total_mse += mse_loss
+            total_kl += kl_loss
+        jax.block_until_ready(eqx.filter(model, eqx.is_array))
+        state.update(model=model, opt_state=opt_state, key=key)
+
+    run(50)  # compile and warm up
+    return Loop(run)
+
+
+def backend_runs(name: str, data: Batch, chunk: int, model: models.ModelConfig = vae.VAEConfig(),
+                 batch: int = BATCH, *, per_step: bool = True) -> tuple[Loop | None, Loop]:
+    """(per step, fused) loops of one backend at ``batch``, both warmed up; the fused one with the
+    seconds to compile a ``chunk``-step program and that program's peak memory."""
+    config = train.TrainConfig(model=model, batch_size=batch)
+    backend = get_backend(name, model)
     state, _, _, train_step = train.build(config, backend, 10**6, jax.random.PRNGKey(0xFFFF))
-    order = loop.epoch_order(jax.random.PRNGKey(1), int(data.labels.shape[0]), BATCH)
+    order = loop.epoch_order(jax.random.PRNGKey(1), int(data.labels.shape[0]), batch)
+    if int(order.shape[0]) <= chunk:
+        raise ValueError(f"{data.labels.shape[0]} examples make {order.shape[0]} batches of {batch}: fewer than a chunk of {chunk}")
     key = jax.random.PRNGKey(2)
     fused = loop.make_fused_runner(train_step)
     holder = {"state": state}
-
-    start = time.perf_counter()
-    fused.lower(holder["state"], data, order, 0, key, chunk).compile()  # the whole fused chunk: trace, lower, compile
-    compile_seconds = time.perf_counter() - start
+    compiled, compile_seconds = compiled_and_seconds(fused, holder["state"], data, order, 0, key, chunk)  # trace, lower, compile
 
     def run_with(runner):
         def run(n: int) -> None:
@@ -194,10 +274,32 @@ def backend_runs(name: str, data: Batch, chunk: int):
 
         return run
 
-    runs = run_with(loop.make_per_step_runner(train_step)), run_with(fused)
+    runs = (run_with(loop.make_per_step_runner(train_step)) if per_step else None), run_with(fused)
     for run in runs:
-        run(chunk)  # compile and warm up
-    return runs[0], runs[1], compile_seconds
+        if run is not None:
+            run(chunk)  # compile and warm up
+    return (Loop(runs[0]) if per_step else None), Loop(runs[1], compile_seconds, peak_bytes(compiled))
+
+
+def host_batch_loop(model: models.ModelConfig, images: np.ndarray, labels: np.ndarray, batch: int) -> Loop:
+    """The tutorial's way of training any model: the Linen form's jitted step, one dispatch per step,
+    each batch sliced on the host and sent with the call (for the MLP, :func:`tutorial_loop` is that)."""
+    config = train.TrainConfig(model=model, batch_size=batch)
+    state, _, _, train_step = train.build(config, get_backend("flax", model), 10**6, jax.random.PRNGKey(0xFFFF))
+    pixels = (images * 255).round().astype(np.uint8)
+    num_batches, key = len(labels) // batch, jax.random.PRNGKey(2)
+    holder = {"state": state}
+    first = Batch(pixels[:batch], labels[:batch])
+    compiled, seconds = compiled_and_seconds(train_step, holder["state"], first, key)
+
+    def run(n: int) -> None:
+        for i in range(n):
+            j = i % num_batches
+            holder["state"], metrics = train_step(holder["state"], Batch(pixels[j * batch : (j + 1) * batch], labels[j * batch : (j + 1) * batch]), key)
+        metrics.loss.block_until_ready()
+
+    run(2)  # compile and warm up
+    return Loop(run, seconds, peak_bytes(compiled))
 
 
 def gradient_only_run(data: Batch, chunk: int):
@@ -225,7 +327,13 @@ def gradient_only_run(data: Batch, chunk: int):
 
 def gemm_shapes(params, batch: int = BATCH) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """The matrix products of one train step, from the params' 2-D kernels (in, out) at ``batch``:
-    forward ``x @ W``, input gradient ``dY @ W.T`` and weight gradient ``X.T @ dY``, each as (lhs, rhs) shapes."""
+    forward ``x @ W``, input gradient ``dY @ W.T`` and weight gradient ``X.T @ dY``, each as (lhs, rhs) shapes.
+
+    Each is given row-major operands laid out for it (``W.T`` and ``X.T`` as arrays of their own),
+    the fastest way to multiply them: XLA may choose such layouts inside the step, and multiplying
+    the (in, out) kernel as it is stored measured slower than the whole backward pass
+    (docs/performance.md), so that would be no bound.
+    """
     shapes = []
     for kernel in (leaf for leaf in jax.tree_util.tree_leaves(params) if leaf.ndim == 2):
         n_in, n_out = kernel.shape
@@ -264,66 +372,134 @@ def gemm_run(params, chunk: int, batch: int = BATCH):
     return run
 
 
+SCALING_BATCHES = (16, 64, 256)
+SCALING_IMAGES = {"mlp": 6400, "conv": 1600}  # images per timed run of each loop (the conv step costs ~4x the MLP's)
+
+
+def scaling(images: np.ndarray, labels: np.ndarray, data: Batch, repeats: int, kinds: tuple[str, ...], share: float = 1.0) -> list[dict]:
+    """How cost grows with the batch: for each model and batch, the tutorial's way (jitted step, host
+    batches) against the fused functional loop, taking turns; one row per (model, batch)."""
+    rows = []
+    for kind in kinds:
+        model = models.KINDS[kind]()
+        for batch in SCALING_BATCHES:
+            steps = max(1, int(SCALING_IMAGES[kind] * share) // batch)
+            tutorial = tutorial_loop(images, labels, batch) if kind == "mlp" else host_batch_loop(model, images, labels, batch)
+            _, fused = backend_runs("functional", data, steps, model, batch, per_step=False)
+            rates = interleaved_rates({"tutorial": tutorial.run, "fused": fused.run}, steps, repeats)
+            rows.append({
+                "model": kind, "batch": batch,
+                "tutorial_steps_per_s": rates["tutorial"], "fused_steps_per_s": rates["fused"],
+                "tutorial_images_per_s": rates["tutorial"] * batch, "fused_images_per_s": rates["fused"] * batch,
+                "fused_vs_tutorial": rates["fused"] / rates["tutorial"],
+                "tutorial_compile_seconds": tutorial.compile_seconds, "fused_compile_seconds": fused.compile_seconds,
+                "tutorial_peak_bytes": tutorial.peak_bytes, "fused_peak_bytes": fused.peak_bytes,
+            })
+            print(f"  {kind} batch {batch}: fused {rates['fused'] * batch:,.0f} images/s, "
+                  f"{rates['fused'] / rates['tutorial']:.2f}x the tutorial's way", flush=True)
+    return rows
+
+
+def mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.1f}"
+
+
+def print_scaling(rows: list[dict]) -> None:
+    print("\n| model | batch | tutorial's way images/s (steps/s) | fused images/s (steps/s) | fused × tutorial | "
+          "compile s tutorial / fused | peak MiB tutorial / fused |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['tutorial_images_per_s']:,.0f} ({r['tutorial_steps_per_s']:,.0f}) | "
+              f"{r['fused_images_per_s']:,.0f} ({r['fused_steps_per_s']:,.0f}) | {r['fused_vs_tutorial']:.2f} | "
+              f"{r['tutorial_compile_seconds']:.1f} / {r['fused_compile_seconds']:.1f} | "
+              f"{mib(r['tutorial_peak_bytes'])} / {mib(r['fused_peak_bytes'])} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
-    parser.add_argument("--steps", type=int, default=800, help="steps per timed repeat (default 800)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default 5)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed repeat at batch 16 (default 800; 200 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5; 2 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="a check in under a minute: fewer steps and repeats, "
+                        "no per-step rows, the scaling table for the MLP only")
     args = parser.parse_args(argv)
-    if args.steps < 100 or args.repeats < 1:
+    steps = args.steps if args.steps is not None else (200 if args.quick else 800)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    if steps < 100 or repeats < 1:
         parser.error("--steps must be >= 100 and --repeats >= 1")
+    began = time.perf_counter()
 
     rng = np.random.default_rng(0)
-    images = (rng.integers(0, 256, (4096, 784)) / 255.0).astype(np.float32)  # like ToTensor() output
-    labels = rng.integers(0, NUM_CLASSES, 4096).astype(np.int32)
+    images = (rng.integers(0, 256, (8192, 784)) / 255.0).astype(np.float32)  # like ToTensor() output
+    labels = rng.integers(0, NUM_CLASSES, 8192).astype(np.int32)
     device_data = Batch(jax.device_put((images * 255).round().astype(np.uint8)), jax.device_put(labels))
 
-    result = {"device": str(jax.devices()[0]), "batch_size": BATCH, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    result = {"device": str(jax.devices()[0]), "batch_size": BATCH, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "quick": args.quick, "steps": steps, "repeats": repeats}
     result["matmul_gflops"] = matmul_gflops()
     result["model_flops_per_step"] = model_flops_per_step(vae.VAEConfig())
-    runs, compile_seconds = {"tutorial": tutorial_loop(images, labels), "nnx_loop": nnx_loop(images, labels)}, {}
+    peers = {"tutorial": tutorial_loop(images, labels), "nnx_loop": nnx_loop(images, labels), "equinox_loop": equinox_loop(images, labels)}
+    runs = {name: peer.run for name, peer in peers.items()}
+    fused_loops = {}
     for name in BACKENDS:
-        runs[f"{name}/per_step"], runs[f"{name}/fused"], compile_seconds[name] = backend_runs(name, device_data, 100)
+        per_step, fused_loops[name] = backend_runs(name, device_data, 100, per_step=not args.quick)
+        runs[f"{name}/fused"] = fused_loops[name].run
+        if per_step is not None:
+            runs[f"{name}/per_step"] = per_step.run
+    compile_seconds = {name: fused.compile_seconds for name, fused in fused_loops.items()}
     runs["bound"] = gradient_only_run(device_data, 100)
-    runs["gemm"] = gemm_run(jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), vae.VAEConfig())), 100)
-    rates = interleaved_rates(runs, args.steps, args.repeats)
+    shapes = jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), vae.VAEConfig()))
+    runs["gemm"] = gemm_run(shapes, 100)
+    rates = interleaved_rates(runs, steps, repeats)
     result["gemm_bound_steps_per_s"] = rates["gemm"]
     result["gradient_only_steps_per_s"] = rates["bound"]
     result["tutorial_loop_steps_per_s"] = rates["tutorial"]
     result["nnx_loop_steps_per_s"] = rates["nnx_loop"]
-    per_step = result["per_step_steps_per_s"] = {name: rates[f"{name}/per_step"] for name in BACKENDS}
+    result["equinox_loop_steps_per_s"] = rates["equinox_loop"]
+    per_step = result["per_step_steps_per_s"] = {name: rates[f"{name}/per_step"] for name in BACKENDS if f"{name}/per_step" in rates}
     fused = result["fused_steps_per_s"] = {name: rates[f"{name}/fused"] for name in BACKENDS}
     result["compile_seconds"] = compile_seconds
+    result["fused_peak_bytes"] = {name: loop.peak_bytes for name, loop in fused_loops.items()}
     result["mfu"] = {name: rate * result["model_flops_per_step"] / (result["matmul_gflops"] * 1e9) for name, rate in fused.items()}
     result["nnx_loop_vs_tutorial_loop"] = rates["nnx_loop"] / rates["tutorial"]
+    result["fused_vs_tutorial_loop"] = {name: rate / rates["tutorial"] for name, rate in fused.items()}
     result["fused_vs_nnx_loop"] = {name: rate / rates["nnx_loop"] for name, rate in fused.items()}
+    result["fused_vs_equinox_loop"] = {name: rate / rates["equinox_loop"] for name, rate in fused.items()}
     result["fraction_of_bound"] = {name: rate / rates["gemm"] for name, rate in fused.items()}
 
     base = result["tutorial_loop_steps_per_s"]
     print(f"device {result['device']}, batch {BATCH}, model {result['model_flops_per_step'] / 1e6:.1f} MFLOP/step, "
-          f"matmul peak {result['matmul_gflops']:.1f} GFLOP/s\n")
-    nnx_base = result["nnx_loop_steps_per_s"]
+          f"matmul peak {result['matmul_gflops']:.1f} GFLOP/s, {steps} steps x {repeats} repeats\n")
 
     def mfu(rate: float) -> str:
         return f"{rate * result['model_flops_per_step'] / (result['matmul_gflops'] * 1e9):.1%}"
 
-    print("| loop | steps/s | × tutorial loop | × NNX loop | MFU | compile s |")
+    def row(label: str, rate: float, compile_s: float | None = None) -> None:
+        print(f"| {label} | {rate:.0f} | {rate / base:.2f} | {rate / rates['gemm']:.2f} | {mfu(rate)} | "
+              f"{'—' if compile_s is None else f'{compile_s:.1f}'} |")
+
+    print("| loop | steps/s | × tutorial loop | of GEMM bound | MFU | compile s |")
     print("|---|---|---|---|---|---|")
-    print(f"| tutorial's loop (linen, jitted step, host batches) | {base:.0f} | 1.00 | {base / nnx_base:.2f} | {mfu(base)} | — |")
-    print(f"| NNX docs' loop (nnx.jit step, nnx.Optimizer, host batches) | {nnx_base:.0f} | {nnx_base / base:.2f} | 1.00 | "
-          f"{mfu(nnx_base)} | — |")
+    row("tutorial's loop (linen, jitted step, host batches)", base, peers["tutorial"].compile_seconds)
+    row("NNX docs' loop (nnx.jit step, nnx.Optimizer, host batches)", rates["nnx_loop"])
+    row("Equinox examples' loop (eqx.filter_jit step, vmapped module, host batches)", rates["equinox_loop"])
+    for name in per_step:
+        row(f"{name}, per step", per_step[name])
     for name in BACKENDS:
-        print(f"| {name}, per step | {per_step[name]:.0f} | {per_step[name] / base:.2f} | {per_step[name] / nnx_base:.2f} | — | — |")
-    for name in BACKENDS:
-        print(f"| {name}, fused | {fused[name]:.0f} | {fused[name] / base:.2f} | {fused[name] / nnx_base:.2f} | "
-              f"{result['mfu'][name]:.1%} | {compile_seconds[name]:.1f} |")
-    print(f"| bound: functional, fused, loss+gradients only (no optimiser) | {rates['bound']:.0f} | {rates['bound'] / base:.2f} | "
-          f"{rates['bound'] / nnx_base:.2f} | {mfu(rates['bound'])} | — |")
-    print(f"| in-run GEMM bound: the step's matmuls only (forward, dX, dW at the model's shapes), fused | {rates['gemm']:.0f} | "
-          f"{rates['gemm'] / base:.2f} | {rates['gemm'] / nnx_base:.2f} | {mfu(rates['gemm'])} | — |")
+        row(f"{name}, fused", fused[name], compile_seconds[name])
+    row("functional, fused, loss+gradients only (no optimiser)", rates["bound"])
+    row("in-run GEMM bound: the step's matmuls only (forward, dX, dW at the model's shapes), fused", rates["gemm"])
     print("\nfraction of the GEMM bound, fused: " + ", ".join(f"{name} {value:.2f}" for name, value in result["fraction_of_bound"].items()))
     spread = max(fused.values()) / min(fused.values()) - 1
-    print(f"\nfused backends within {spread:.1%} of each other")
+    result["fused_spread"] = spread
+    print(f"fused backends within {spread:.1%} of each other\n")
+
+    print("how cost grows with the batch (functional fused vs the tutorial's way):", flush=True)
+    result["scaling"] = scaling(images, labels, device_data, repeats, ("mlp",) if args.quick else ("mlp", "conv"),
+                                share=0.5 if args.quick else 1.0)
+    print_scaling(result["scaling"])
+    result["seconds"] = time.perf_counter() - began
+    print(f"\nbench took {result['seconds']:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from pureflax import TrainState, optim, vae
+from pureflax import TrainState, optim, report, vae
 from pureflax.compat import flax_models
 from pureflax.step import Batch, make_eval_step, make_loss_fn, make_train_step, to_inputs
 
@@ -100,6 +100,21 @@ def test_eval_step_is_the_loss_without_an_update():
     metrics = make_eval_step(loss_fn)(params, batch, key)
     loss, (mse, kl) = loss_fn(params, batch, key)
     np.testing.assert_allclose([metrics.loss, metrics.mse, metrics.kl], [loss, mse, kl], rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [30, 24, 5])  # full batches and a partial one; full batches only; one partial batch
+def test_evaluate_in_one_program_gives_the_batch_by_batch_means(n):
+    params = vae.init(jax.random.PRNGKey(0), CONFIG)
+    eval_step = make_eval_step(make_loss_fn(vae.apply))
+    rng = np.random.default_rng(3)
+    data = Batch(jnp.asarray(rng.integers(0, 256, (n, 49), dtype=np.uint8)), jnp.asarray(rng.integers(0, 10, n, dtype=np.int32)))
+    key, size = jax.random.PRNGKey(4), 8
+    expected = np.zeros(3)
+    for i, start in enumerate(range(0, n, size)):  # batch i with fold_in(key, i), weighted by its size
+        batch = Batch(data.images[start : start + size], data.labels[start : start + size])
+        expected += np.asarray(eval_step(params, batch, jax.random.fold_in(key, i))) * batch.labels.shape[0]
+    metrics = report.evaluate(eval_step, params, data, key, size)
+    np.testing.assert_allclose(list(metrics), expected / n, rtol=1e-6)
 
 
 def test_to_inputs_scales_pixels_and_one_hots_labels():

@@ -15,15 +15,28 @@ from pureflax import models, step as step_lib, viz
 def evaluate(eval_step, params, data: step_lib.Batch, key: jax.Array, batch_size: int, model_state=None) -> step_lib.Metrics:
     """Mean loss terms over a whole split, in batches; batch i uses ``fold_in(key, i)``.
 
-    ``model_state`` (BatchNorm's running statistics) goes to the eval step as it is.
+    One jitted program (a ``lax.scan`` over the full batches, then the last partial one), read
+    back once; ``model_state`` (BatchNorm's running statistics) goes to the eval step as it is.
     """
+    return step_lib.Metrics(*np.asarray(jax.device_get(_split_means(eval_step, params, model_state, data, key, batch_size)), np.float64))
+
+
+@partial(jax.jit, static_argnums=(0, 5))
+def _split_means(eval_step, params, model_state, data: step_lib.Batch, key: jax.Array, batch_size: int) -> jax.Array:
     n = data.labels.shape[0]
-    total = np.zeros(3)
-    for i, start in enumerate(range(0, n, batch_size)):
-        batch = step_lib.Batch(data.images[start : start + batch_size], data.labels[start : start + batch_size])
-        metrics = eval_step(params, batch, jax.random.fold_in(key, i), model_state)
-        total += np.asarray(jax.device_get(jnp.stack(metrics)), np.float64) * batch.labels.shape[0]
-    return step_lib.Metrics(*(total / n))
+    full = n // batch_size
+
+    def batch_sums(i, batch: step_lib.Batch) -> jax.Array:
+        return jnp.stack(eval_step(params, batch, jax.random.fold_in(key, i), model_state)) * batch.labels.shape[0]
+
+    def body(total, i):
+        batch = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * batch_size, batch_size), data)
+        return total + batch_sums(i, batch), None
+
+    total = jax.lax.scan(body, jnp.zeros(3), jnp.arange(full))[0] if full else jnp.zeros(3)
+    if n % batch_size:
+        total = total + batch_sums(full, jax.tree_util.tree_map(lambda a: a[full * batch_size :], data))
+    return total / n
 
 
 @partial(jax.jit, static_argnames="config")

@@ -105,6 +105,16 @@ def make_loss_fn(apply_fn: ApplyFn | StatefulApplyFn, *, kl_weight: Weight = 0.5
     return loss_fn
 
 
+def all_at_once(grads: Any) -> Any:
+    """``grads`` unchanged, but only once every one of them is computed.
+
+    An ``optimization_barrier``: XLA then schedules the whole optimiser update after the
+    backward pass instead of interleaving each layer's update with the remaining matrix
+    products (docs/performance.md measures it; the numbers are bit for bit the same).
+    """
+    return jax.lax.optimization_barrier(grads)
+
+
 def default_apply_gradients(tx: optax.GradientTransformation) -> Callable[[Any, Any], Any]:
     """How a :class:`pureflax.TrainState` takes gradients: through ``tx``, explicitly."""
     return lambda state, grads: state.apply_gradients(grads=grads, tx=tx)
@@ -139,10 +149,10 @@ def make_train_step(
         step_key = jax.random.fold_in(key, state.step)
         if slot is None:
             (loss, (mse, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_key)
-            return update(state, grads), Metrics(loss, mse, kl)
+            return update(state, all_at_once(grads)), Metrics(loss, mse, kl)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, ((mse, kl), model_state)), grads = grad_fn(state.params, batch, step_key, slot.get(state))
-        return slot.set(update(state, grads), model_state), Metrics(loss, mse, kl)
+        return slot.set(update(state, all_at_once(grads)), model_state), Metrics(loss, mse, kl)
 
     return jax.jit(step, donate_argnums=0)
 

@@ -198,7 +198,8 @@ def restore_state(directory: str | Path, like: Any, backend: Backend, step: int 
 class Timing(NamedTuple):
     """Where a run's time went: ``compile`` (the first dispatch of each chunk length, which compiles or
     loads it from the cache), ``steps`` (from the first dispatch to the last chunk's metrics, less
-    ``compile``) and ``total`` (all of ``fit``)."""
+    ``compile``) and ``total`` (all of ``fit`` up to the committed final checkpoint: loading the
+    data onto the device, building, every chunk, evaluation and saves; the pictures are drawn after it)."""
 
     compile: float
     steps: float
@@ -302,13 +303,14 @@ def fit(
         if folder.saved != plan.total:  # a resumed run that only lacked its final row has it already
             folder.save(backend.to_functional(state), pos, float(test_metrics.loss))
         folder.wait()
+        timing = Timing(compile_seconds, steps_seconds, time.perf_counter() - start)  # the pictures come after the timing
         hook("final", pos.step)
         if config.pictures:
             with folder.writing("pictures", pos.step):
                 functional = backend.to_functional(state)
                 report.write_pictures(functional.params, functional.model_state, test, config.model, keys.sample,
                                       folder.out, folder.logged(), float(test_metrics.loss))
-        final = final_row(test_metrics, pos, plan, folder.saved, Timing(compile_seconds, steps_seconds, time.perf_counter() - start))
+        final = final_row(test_metrics, pos, plan, folder.saved, timing)
         folder.finish(final)
     print(summary(final))
     return RunResult(state, folder.logged(), final)

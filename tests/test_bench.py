@@ -1,0 +1,39 @@
+"""scripts/bench.py's measuring helpers, on tiny programs (the benchmark itself is run by hand)."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pureflax import vae
+
+spec = importlib.util.spec_from_file_location("bench", Path(__file__).parent.parent / "scripts" / "bench.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_the_gemm_bound_multiplies_exactly_the_models_matmul_flops():
+    config = vae.VAEConfig()
+    params = jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), config))
+    shapes = bench.gemm_shapes(params, batch=16)
+    assert len(shapes) == 3 * 9  # forward, dX and dW of each of the nine Dense layers
+    flops = sum(2 * a[0] * a[1] * b[1] for a, b in shapes)
+    assert flops == bench.model_flops_per_step(config, 16)
+    assert all(a[1] == b[0] for a, b in shapes)  # every product's inner sizes agree
+
+
+def test_peak_bytes_counts_arguments_outputs_and_scratch_once():
+    x = jnp.zeros((256, 256), jnp.float32)  # 256 KiB
+    donated = jax.jit(lambda a: a * 2.0, donate_argnums=0).lower(x).compile()
+    kept = jax.jit(lambda a: a * 2.0).lower(x).compile()
+    assert bench.peak_bytes(kept) >= 2 * x.nbytes  # the argument and a separate output
+    assert x.nbytes <= bench.peak_bytes(donated) < 2 * x.nbytes  # the output reuses the donated argument
+
+
+@pytest.mark.parametrize("argv", [["--steps", "50"], ["--repeats", "0"]])
+def test_too_few_steps_or_repeats_is_a_usage_error(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
