@@ -100,6 +100,12 @@ def compiled_and_seconds(jitted, *args):
     return compiled, time.perf_counter() - start
 
 
+def host_batch(images: np.ndarray, labels: np.ndarray, i: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step ``i``'s batch as a data loader hands it over: numpy slices on the host, cycling through the data."""
+    j = i % (len(labels) // batch_size)
+    return images[j * batch_size : (j + 1) * batch_size].reshape(batch_size, -1), labels[j * batch_size : (j + 1) * batch_size]
+
+
 def tutorial_loop(images: np.ndarray, labels: np.ndarray, batch_size: int = BATCH) -> Loop:
     """The tutorial's training loop as the tutorial writes it: linen VAE, jitted step, host batches."""
     latent_dim, num_classes, kl_weight = 32, NUM_CLASSES, KL_WEIGHT
@@ -133,16 +139,13 @@ def tutorial_loop(images: np.ndarray, labels: np.ndarray, batch_size: int = BATC
     optimiser = optax.adamw(learning_rate=1e-4)
     train_step, params, opt_state = create_train_step(model_key, model, optimiser)
     state = {"params": params, "opt_state": opt_state, "key": key}
-    num_batches = len(labels) // batch_size
 
     def run(n: int) -> None:
         params, opt_state, key = state["params"], state["opt_state"], state["key"]
         total_loss, total_mse, total_kl = 0.0, 0.0, 0.0
         for i in range(n):
             key, subkey = jax.random.split(key)
-            j = i % num_batches
-            batch = images[j * batch_size : (j + 1) * batch_size].reshape(batch_size, 784)  # host numpy, as from the DataLoader
-            c = labels[j * batch_size : (j + 1) * batch_size]
+            batch, c = host_batch(images, labels, i, batch_size)  # host numpy, as from the DataLoader
             params, opt_state, loss, mse_loss, kl_loss = train_step(params, opt_state, batch, c, subkey)
             total_loss += loss
             total_mse += mse_loss
@@ -181,16 +184,13 @@ def nnx_loop(images: np.ndarray, labels: np.ndarray):
         return loss, mse_loss, kl_loss
 
     state = {"key": key}
-    num_batches = len(labels) // batch_size
 
     def run(n: int) -> None:
         key = state["key"]
         total_loss, total_mse, total_kl = 0.0, 0.0, 0.0
         for i in range(n):
             key, subkey = jax.random.split(key)
-            j = i % num_batches
-            batch = images[j * batch_size : (j + 1) * batch_size].reshape(batch_size, 784)  # host numpy, as from the DataLoader
-            c = labels[j * batch_size : (j + 1) * batch_size]
+            batch, c = host_batch(images, labels, i, batch_size)  # host numpy, as from the DataLoader
             loss, mse_loss, kl_loss = train_step(model, optimizer, batch, c, subkey)
             total_loss += loss
             total_mse += mse_loss
@@ -229,16 +229,13 @@ def equinox_loop(images: np.ndarray, labels: np.ndarray) -> Loop:
         return model, opt_state, loss, mse_loss, kl_loss
 
     state = {"model": model, "opt_state": opt_state, "key": key}
-    num_batches = len(labels) // batch_size
 
     def run(n: int) -> None:
         model, opt_state, key = state["model"], state["opt_state"], state["key"]
         total_loss, total_mse, total_kl = 0.0, 0.0, 0.0
         for i in range(n):
             key, subkey = jax.random.split(key)
-            j = i % num_batches
-            x = images[j * batch_size : (j + 1) * batch_size].reshape(batch_size, 784)  # host numpy, as from the DataLoader
-            c = labels[j * batch_size : (j + 1) * batch_size]
+            x, c = host_batch(images, labels, i, batch_size)  # host numpy, as from the DataLoader
             model, opt_state, loss, mse_loss, kl_loss = make_step(model, opt_state, x, c, subkey)
             total_loss += loss
             total_mse += mse_loss
@@ -286,16 +283,14 @@ def host_batch_loop(model: models.ModelConfig, images: np.ndarray, labels: np.nd
     each batch sliced on the host and sent with the call (for the MLP, :func:`tutorial_loop` is that)."""
     config = train.TrainConfig(model=model, batch_size=batch)
     state, _, _, train_step = train.build(config, get_backend("flax", model), 10**6, jax.random.PRNGKey(0xFFFF))
-    pixels = (images * 255).round().astype(np.uint8)
-    num_batches, key = len(labels) // batch, jax.random.PRNGKey(2)
+    pixels, key = (images * 255).round().astype(np.uint8), jax.random.PRNGKey(2)
     holder = {"state": state}
     first = Batch(pixels[:batch], labels[:batch])
     compiled, seconds = compiled_and_seconds(train_step, holder["state"], first, key)
 
     def run(n: int) -> None:
         for i in range(n):
-            j = i % num_batches
-            holder["state"], metrics = train_step(holder["state"], Batch(pixels[j * batch : (j + 1) * batch], labels[j * batch : (j + 1) * batch]), key)
+            holder["state"], metrics = train_step(holder["state"], Batch(*host_batch(pixels, labels, i, batch)), key)
         metrics.loss.block_until_ready()
 
     run(2)  # compile and warm up
