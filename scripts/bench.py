@@ -1,6 +1,7 @@
 """Side-by-side training throughput: the tutorial's loop, its peers, each backend per step and fused, the bound.
 
     .venv/bin/python scripts/bench.py [--quick] [--json bench.json] [--steps 800] [--repeats 5]
+    .venv/bin/python scripts/bench.py --train-run [--data PATH]
 
 All in one process, the full-size VAE, adamw(1e-4). Throughput is the median of ``--repeats``
 timed runs after a warm-up, all the loops taking turns in every repeat; compile time is measured
@@ -11,6 +12,8 @@ float32 matmul measured in the same run stands in for the machine's peak, for th
 Then how cost grows with the batch (16, 64, 256) for the MLP and the conv VAE: images/s,
 steps/s, compile seconds and peak memory of the tutorial's way against the fused loop.
 ``--quick`` (under a minute) takes fewer steps and repeats, leaves out the per-step rows and scales the MLP only.
+``--train-run`` measures instead what a user's run reaches: ``train.py --epochs 3``, whole ``fit``, against the
+fused loop timed around each run (:func:`train_run`).
 """
 
 from __future__ import annotations
@@ -395,6 +398,50 @@ def scaling(images: np.ndarray, labels: np.ndarray, data: Batch, repeats: int, k
     return rows
 
 
+TRAIN_RUN_EPOCHS = 3
+
+
+def train_run(fused_run: Callable[[int], None], data: Path | None, rounds: int, steps: int) -> dict:
+    """``train.py --epochs 3 --no-pictures`` in a process of its own against the fused loop it runs,
+    taking turns: the fused functional loop is timed (``steps`` steps, twice) just before and just
+    after each run, and the run is compared with the mean of the two.
+
+    One warm-up run (``--max-steps 100``, the same programs) fills the compilation cache first, as
+    a user's second run finds it. Each run's rate counts its whole ``fit`` (``seconds`` in the final
+    metrics row: data onto the device, building, compiling or loading, every step, evaluation, the
+    final checkpoint). Raises ``RuntimeError`` with train.py's last line if a run fails.
+    """
+    import subprocess
+    import tempfile
+
+    script = Path(__file__).with_name("train.py")
+
+    def train(out: Path, *flags: str) -> dict:
+        command = [sys.executable, str(script), "--no-pictures", "--out", str(out), *flags]
+        command += ["--data", str(data)] if data is not None else []
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["(no output)"]
+            raise RuntimeError(f"train.py exited {done.returncode}: {lines[-1]}")
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pureflax-bench-") as tmp:
+        train(Path(tmp) / "warm", "--max-steps", "100")
+        for i in range(rounds):
+            before = interleaved_rates({"fused": fused_run}, steps, 2)["fused"]
+            final = train(Path(tmp) / f"run{i}", "--epochs", str(TRAIN_RUN_EPOCHS))
+            beside = (before + interleaved_rates({"fused": fused_run}, steps, 2)["fused"]) / 2
+            rate = final["steps"] / final["seconds"]
+            rows.append({"steps": final["steps"], "seconds": final["seconds"], "compile_seconds": final["compile_seconds"],
+                         "step_seconds": final["step_seconds"], "fit_steps_per_s": rate, "fused_steps_per_s": beside,
+                         "ratio": rate / beside})
+            print(f"  train.py --epochs {TRAIN_RUN_EPOCHS}: {final['steps']} steps in {final['seconds']:.2f} s of fit "
+                  f"(compile {final['compile_seconds']:.2f}, steps {final['step_seconds']:.2f}) = {rate:,.0f} steps/s, "
+                  f"{rate / beside:.2f} of the fused loop's {beside:,.0f} around it", flush=True)
+    return {"runs": rows, "ratio": statistics.median(row["ratio"] for row in rows)}
+
+
 def mib(n: int | None) -> str:
     return "—" if n is None else f"{n / 2**20:.1f}"
 
@@ -417,11 +464,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="a check in under a minute: fewer steps and repeats, "
                         "no per-step rows, the scaling table for the MLP only")
+    parser.add_argument("--train-run", action="store_true", help="instead: train.py --epochs 3 (whole fit, three runs) "
+                        "against the fused loop timed around each run (about a minute; needs MNIST)")
+    parser.add_argument("--data", type=Path, default=None, help="MNIST for --train-run, as train.py's --data (default: its cache)")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (200 if args.quick else 800)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     if steps < 100 or repeats < 1:
         parser.error("--steps must be >= 100 and --repeats >= 1")
+    if args.data is not None and not args.data.exists():
+        parser.error(f"--data {args.data} does not exist")
     began = time.perf_counter()
 
     rng = np.random.default_rng(0)
@@ -431,6 +483,19 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"device": str(jax.devices()[0]), "batch_size": BATCH, "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "quick": args.quick, "steps": steps, "repeats": repeats}
+    if args.train_run:
+        _, fused = backend_runs("functional", device_data, 100, per_step=False)
+        print(f"train.py --epochs {TRAIN_RUN_EPOCHS} (whole fit) against the fused functional loop, batch {BATCH}:", flush=True)
+        try:
+            result["train_run"] = train_run(fused.run, args.data, rounds=3, steps=steps)
+        except RuntimeError as err:
+            print(f"bench.py: error: {err}", file=sys.stderr)
+            return 1
+        print(f"train.py reaches {result['train_run']['ratio']:.2f} of the fused loop (median of 3 runs)")
+        result["seconds"] = time.perf_counter() - began
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     result["matmul_gflops"] = matmul_gflops()
     result["model_flops_per_step"] = model_flops_per_step(vae.VAEConfig())
     peers = {"tutorial": tutorial_loop(images, labels), "nnx_loop": nnx_loop(images, labels), "equinox_loop": equinox_loop(images, labels)}
@@ -488,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     spread = max(fused.values()) / min(fused.values()) - 1
     result["fused_spread"] = spread
     print(f"fused backends within {spread:.1%} of each other\n")
+
 
     print("how cost grows with the batch (functional fused vs the tutorial's way):", flush=True)
     result["scaling"] = scaling(images, labels, device_data, repeats, ("mlp",) if args.quick else ("mlp", "conv"),

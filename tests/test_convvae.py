@@ -98,7 +98,7 @@ def test_every_form_has_the_functional_gradients(form, functional_grads, grad_ba
 
 # --------------------------------------------------------------------- runs of every form
 
-RUN = train.TrainConfig(epochs=2, batch_size=16, log_every=3, eval_batch_size=30, model=CONFIG)
+RUN = train.TrainConfig(epochs=2, batch_size=16, log_every=3, eval_batch_size=30, model=CONFIG, fuse=True)  # per step: below
 
 
 @pytest.fixture(scope="module")

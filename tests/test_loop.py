@@ -55,6 +55,43 @@ def test_fused_and_per_step_give_the_same_losses_and_state(tmp_path, backend):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_one_fused_program_runs_every_chunk_up_to_its_capacity():
+    """An epoch that ends mid log window makes a shorter chunk: the same program runs it (no second
+    compile), and each chunk's metrics are its own steps', as the per-step runner gives them."""
+    from pureflax.compat.backends import get_backend
+
+    config = train.TrainConfig(epochs=2, batch_size=8, log_every=4, model=SMALL)  # the programs of the test above
+    data = train.to_device(tiny_mnist(n_train=96, n_test=16).train, loop.Placement(None))
+    order, key = loop.epoch_order(jax.random.PRNGKey(1), 96, 8), jax.random.PRNGKey(2)
+    results = {}
+    for fused in (True, False):
+        state, _, _, train_step = train.build(config, get_backend("functional", SMALL), 24, jax.random.PRNGKey(0))
+        runner = loop.make_fused_runner(train_step, capacity=4) if fused else loop.make_per_step_runner(train_step)
+        metrics = []
+        for start, length in ((0, 4), (4, 3), (7, 1)):
+            state, chunk = runner(state, data, order, start, key, length)
+            metrics.append(np.asarray(chunk))
+        results[fused] = metrics, state
+        if fused:
+            assert runner.program._cache_size() == 1
+    assert [m.shape for m in results[True][0]] == [(4, 3), (3, 3), (1, 3)]
+    np.testing.assert_allclose(np.concatenate(results[True][0]), np.concatenate(results[False][0]), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(results[True][1]), jax.tree_util.tree_leaves(results[False][1])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_fused_by_default_except_the_conv_vae_on_cpu():
+    from pureflax import convvae
+
+    conv = convvae.ConvVAEConfig()
+    assert loop.fuses_well(SMALL, "cpu") and loop.fuses_well(SMALL, "gpu") and loop.fuses_well(conv, "gpu")
+    assert not loop.fuses_well(conv, "cpu")
+    # the run's config says which it used (its checkpoints record it); a flag given is kept
+    assert train.TrainConfig(model=conv).resolved().fuse is (jax.default_backend() != "cpu")
+    assert train.TrainConfig(model=SMALL).resolved().fuse is True
+    assert train.TrainConfig(model=conv, fuse=True).resolved().fuse is True
+
+
 def test_too_many_devices_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"--devices 64: this machine has \d+ .*xla_force_host_platform_device_count"):
         loop.make_placement(64)

@@ -3,8 +3,9 @@
 Both runners have one signature, ``run(state, data, order, start, key, length) ->
 (state, metrics)``: they take steps ``start .. start + length - 1`` of an epoch whose
 batch order is ``order`` and return the new state and the per-step metrics, shape
-(length, 3) as (loss, mse, kl). The fused runner does it in one jitted ``lax.scan`` with
-the state donated; the per-step runner dispatches one jitted step at a time. Both gather
+(length, 3) as (loss, mse, kl). The fused runner does it in one jitted loop with the
+state donated, the length an argument of the program (one program serves every chunk up
+to its capacity); the per-step runner dispatches one jitted step at a time. Both gather
 batches on the device from the resident dataset and call the same train step with the
 same keys, so they compute the same losses.
 
@@ -73,6 +74,20 @@ def make_placement(devices: int = 1, batch_size: int | None = None) -> Placement
     return Placement(Mesh(np.array(available[:devices]), ("data",)))
 
 
+def fuses_well(model: Any, platform: str | None = None) -> bool:
+    """Whether the fused loop is the faster way to train ``model`` (a model config) on ``platform``.
+
+    Yes (``True``) everywhere but for convolutions on CPU: there XLA compiles the convolutions
+    inside the loop body without the rewrites it gives them in a program of one step (the optimised
+    HLO shows the weight gradients' convolutions in other dimension orders and without parallel
+    partitions), and the conv VAE's fused chunk runs at 0.3-0.46x per-step dispatch (``bench.py``'s
+    scaling table). ``platform`` defaults to JAX's default backend (``"cpu"``, ``"gpu"``, ``"tpu"``).
+    """
+    from pureflax import models
+
+    return models.kind_of(model) != "conv" or (platform or jax.default_backend()) != "cpu"
+
+
 @partial(jax.jit, static_argnums=(1, 2))
 def epoch_order(key: jax.Array, num_train: int, batch_size: int) -> jax.Array:
     """The epoch's shuffled example indices as (steps, batch_size); the remainder is dropped."""
@@ -80,23 +95,54 @@ def epoch_order(key: jax.Array, num_train: int, batch_size: int) -> jax.Array:
     return jax.random.permutation(key, num_train)[: steps * batch_size].reshape(steps, batch_size)
 
 
+@partial(jax.jit, static_argnums=(2, 3))
+def shuffle(key: jax.Array, epoch: int | jax.Array, num_train: int, batch_size: int) -> jax.Array:
+    """Epoch ``epoch``'s batch order, :func:`epoch_order` of ``fold_in(key, epoch)``, as one program."""
+    return epoch_order(jax.random.fold_in(key, epoch), num_train, batch_size)
+
+
 def _gather(data: Batch, order: jax.Array, i: jax.Array, placement: Placement) -> Batch:
     idx = order[i]
     return placement.shard_batch(Batch(data.images[idx], data.labels[idx]))
 
 
-def make_fused_runner(train_step: Callable, placement: Placement = Placement(None)) -> Runner:
-    """A chunk of steps as one jitted ``lax.scan``, state donated, metrics returned per step."""
+class FusedRunner(NamedTuple):
+    """Chunks of steps as one jitted loop, the state donated, metrics returned per step.
 
-    @partial(jax.jit, static_argnums=(5,), donate_argnums=(0,))
-    def run(state, data: Batch, order, start, key, length: int):
-        def body(state, i):
-            state, metrics = train_step(state, _gather(data, order, i, placement), key)
-            return state, jnp.stack(metrics)
+    The chunk's length is an argument of the program, not a constant in it: one program
+    runs every chunk of up to ``capacity`` steps (a run whose epochs end mid log window
+    compiles, or loads from the cache, once). A longer chunk gets a program of its own length.
+    """
 
-        return jax.lax.scan(body, state, start + jnp.arange(length))
+    program: Callable  # jitted (state, data, order, start, key, length, capacity) -> (state, metrics (capacity, 3))
+    capacity: int
 
-    return run
+    def __call__(self, state, data: Batch, order, start, key, length: int):
+        state, metrics = self.program(state, data, order, start, key, length, max(length, self.capacity))
+        return state, metrics if metrics.shape[0] == length else metrics[:length]
+
+    def lower(self, state, data: Batch, order, start, key, length: int):
+        """The program that runs a chunk of ``length`` steps, lowered (``.compile()`` it)."""
+        return self.program.lower(state, data, order, start, key, length, max(length, self.capacity))
+
+
+def make_fused_runner(train_step: Callable, placement: Placement = Placement(None), capacity: int = 1) -> FusedRunner:
+    """A chunk of steps as one jitted loop (a ``lax.fori_loop`` over the steps), state donated.
+
+    Args:
+        capacity: the longest chunk one program runs (``TrainConfig.log_every`` in a run).
+    """
+
+    @partial(jax.jit, static_argnums=(6,), donate_argnums=(0,))
+    def program(state, data: Batch, order, start, key, length, capacity: int):
+        def body(i, carry):
+            state, metrics = carry
+            state, step_metrics = train_step(state, _gather(data, order, start + i, placement), key)
+            return state, metrics.at[i].set(jnp.stack(step_metrics).astype(metrics.dtype))
+
+        return jax.lax.fori_loop(0, length, body, (state, jnp.zeros((capacity, 3), jnp.float32)))
+
+    return FusedRunner(program, capacity)
 
 
 def make_per_step_runner(train_step: Callable, placement: Placement = Placement(None)) -> Runner:

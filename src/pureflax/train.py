@@ -48,7 +48,7 @@ class TrainConfig:
     log_every: int = 100
     eval_batch_size: int = 1000
     native_init: bool = False  # each library's own initialiser instead of the functional (Flax) one
-    fuse: bool = True  # run each chunk of steps (up to the next log line) as one jitted lax.scan
+    fuse: bool | None = None  # each chunk of steps (up to the next log line) as one program; None: loop.fuses_well(model)
     devices: int = 1  # data parallel over this many local devices
     ckpt_every: int | None = None  # also checkpoint every this many steps (None: only at the end)
     keep: int | None = None  # keep the newest this many checkpoints (None: all)
@@ -74,6 +74,10 @@ class TrainConfig:
             raise ValueError("--keep-best needs --keep N (with every checkpoint kept, the best is kept anyway)")
         if self.devices < 1:
             raise ValueError(f"devices must be >= 1, got {self.devices!r}")  # enough of them, and an even split: loop.make_placement
+
+    def resolved(self) -> TrainConfig:
+        """This config with every setting left to the machine decided (``fuse=None``: :func:`pureflax.loop.fuses_well`)."""
+        return self if self.fuse is not None else dataclasses.replace(self, fuse=loop.fuses_well(self.model))
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> TrainConfig:
@@ -116,8 +120,14 @@ class Keys(NamedTuple):
     sample: jax.Array  # for the sample grid
 
 
+@jax.jit
+def _split_seed(seed: jax.Array) -> jax.Array:
+    return jax.random.split(jax.random.PRNGKey(seed), 5)
+
+
 def make_keys(seed: int) -> Keys:
-    return Keys(*jax.random.split(jax.random.PRNGKey(seed), 5))
+    """The run's keys: ``jax.random.split(jax.random.PRNGKey(seed), 5)``, computed by one program."""
+    return Keys(*_split_seed(np.uint32(seed)))
 
 
 class RunResult(NamedTuple):
@@ -140,8 +150,9 @@ def enable_compilation_cache(directory: str | Path | None = None) -> Path:
 
     path = Path(directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_cache_dir() / "jax")
     jax.config.update("jax_compilation_cache_dir", str(path))
-    # programs quicker to compile than this are not worth a file; $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS overrides
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0.2)))
+    # every program, however quick to compile: building a state runs dozens of small ones (each initialiser,
+    # the optimiser's zeros), 1.0 s a run when compiled anew, 0.5 s loaded; $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS overrides
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
     return path
 
 
@@ -196,8 +207,8 @@ def restore_state(directory: str | Path, like: Any, backend: Backend, step: int 
 
 
 class Timing(NamedTuple):
-    """Where a run's time went: ``compile`` (the first dispatch of each chunk length, which compiles or
-    loads it from the cache), ``steps`` (from the first dispatch to the last chunk's metrics, less
+    """Where a run's time went: ``compile`` (the first dispatch, which compiles the program that runs
+    every chunk, or loads it from the cache), ``steps`` (from the first dispatch to the last chunk's metrics, less
     ``compile``) and ``total`` (all of ``fit`` up to the committed final checkpoint: loading the
     data onto the device, building, every chunk, evaluation and saves; the pictures are drawn after it)."""
 
@@ -251,7 +262,7 @@ def fit(
     Raises:
         NonFiniteLoss, rundir.Interrupted, rundir.RunError, rundir.SaveError, checkpoint.ShapeMismatch: see above.
     """
-    start, keys = time.perf_counter(), make_keys(config.seed)
+    start, keys, config = time.perf_counter(), make_keys(config.seed), config.resolved()
     placement = loop.make_placement(config.devices, config.batch_size)
     train, test = to_device(mnist.train, placement), to_device(mnist.test, placement)
     num_train = int(train.labels.shape[0])
@@ -261,12 +272,15 @@ def fit(
     evaluate = lambda state: report.evaluate(eval_step, state.params, test, keys.eval, config.eval_batch_size,  # noqa: E731
                                              backend.model_state(state))
     settings = rundir.settings_of(config, backend.name, data_lib.fingerprint(mnist))
-    order = functools.lru_cache(maxsize=1)(lambda e: loop.epoch_order(jax.random.fold_in(keys.data, e), num_train, config.batch_size))
+    order = functools.lru_cache(maxsize=1)(lambda e: loop.shuffle(keys.data, e, num_train, config.batch_size))
     with rundir.RunFolder(out, settings, plan, resume=resume, overwrite=overwrite, keep=config.keep,
                           keep_best=config.keep_best, progress=progress, log=log) as folder:
         state, pos = folder.start(state, backend.to_functional, backend.from_functional)
         state = placement.replicate(state)
-        runner = (loop.make_fused_runner if config.fuse else loop.make_per_step_runner)(train_step, placement)
+        if config.fuse:  # a chunk never crosses a log line: one program runs them all
+            runner = loop.make_fused_runner(train_step, placement, capacity=plan.log_every)
+        else:
+            runner = loop.make_per_step_runner(train_step, placement)
 
         def take(pos: rundir.Position, metrics: Any) -> rundir.Position:
             """A dispatched chunk's metrics: read (waiting for them), checked, recorded."""
@@ -277,13 +291,12 @@ def fit(
             return pos
 
         in_flight = None  # the metrics of the chunk dispatched last, not read yet
-        compiled, compile_seconds, steps_start = set(), 0.0, time.perf_counter()
+        compile_seconds, steps_start = None, time.perf_counter()
         for chunk in rundir.chunks(pos.step, plan):
             dispatched = time.perf_counter()
             state, metrics = runner(state, train, order(chunk.epoch), chunk.start, keys.train, chunk.length)
-            if chunk.length not in compiled:  # a dispatch returns once the program is compiled (or loaded) and queued
-                compiled.add(chunk.length)
-                compile_seconds += time.perf_counter() - dispatched
+            if compile_seconds is None:  # the first dispatch returns once the program is compiled (or loaded) and queued
+                compile_seconds = time.perf_counter() - dispatched
             folder.wait()  # the previous save commits (or fails, loudly) while this chunk computes
             if in_flight is not None:  # the chunk before: logged while this one computes (no host stall)
                 pos = take(pos, in_flight)
@@ -298,6 +311,7 @@ def fit(
                 raise rundir.Interrupted(folder.stop_signal, pos.step)
         if in_flight is not None:
             pos = take(pos, in_flight)
+        compile_seconds = compile_seconds or 0.0  # None: a resumed run with no step left to take
         steps_seconds = time.perf_counter() - steps_start - compile_seconds
         test_metrics = evaluate(state)
         if folder.saved != plan.total:  # a resumed run that only lacked its final row has it already
