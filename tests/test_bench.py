@@ -37,3 +37,10 @@ def test_too_few_steps_or_repeats_is_a_usage_error(argv):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
     assert exit_info.value.code == 2
+
+
+def test_train_run_with_missing_data_is_a_usage_error_naming_it(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--train-run", "--data", "/no/such/mnist"])
+    assert exit_info.value.code == 2
+    assert "--data /no/such/mnist does not exist" in capsys.readouterr().err
