@@ -554,7 +554,6 @@ def main(argv: list[str] | None = None) -> int:
     result["fused_spread"] = spread
     print(f"fused backends within {spread:.1%} of each other\n")
 
-
     print("how cost grows with the batch (functional fused vs the tutorial's way):", flush=True)
     result["scaling"] = scaling(images, labels, device_data, repeats, ("mlp",) if args.quick else ("mlp", "conv"),
                                 share=0.5 if args.quick else 1.0)

@@ -150,8 +150,8 @@ def enable_compilation_cache(directory: str | Path | None = None) -> Path:
 
     path = Path(directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_cache_dir() / "jax")
     jax.config.update("jax_compilation_cache_dir", str(path))
-    # every program, however quick to compile: building a state runs dozens of small ones (each initialiser,
-    # the optimiser's zeros), 1.0 s a run when compiled anew, 0.5 s loaded; $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS overrides
+    # every program, however quick to compile: building a state runs a dozen small ones (the optimiser's zeros,
+    # one per shape), and the build took 1.0 s a run with them compiled anew, 0.5 s loaded; $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS overrides
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
     return path
 
