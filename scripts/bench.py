@@ -401,6 +401,14 @@ def scaling(images: np.ndarray, labels: np.ndarray, data: Batch, repeats: int, k
 TRAIN_RUN_EPOCHS = 3
 
 
+class TrainRunFailed(RuntimeError):
+    """A ``train.py`` run of :func:`train_run` failed: its exit status and last line."""
+
+    def __init__(self, returncode: int, line: str):
+        super().__init__(f"train.py exited {returncode}: {line}")
+        self.returncode = returncode
+
+
 def train_run(fused_run: Callable[[int], None], data: Path | None, rounds: int, steps: int) -> dict:
     """``train.py --epochs 3 --no-pictures`` in a process of its own against the fused loop it runs,
     taking turns: the fused functional loop is timed (``steps`` steps, twice) just before and just
@@ -409,7 +417,7 @@ def train_run(fused_run: Callable[[int], None], data: Path | None, rounds: int, 
     One warm-up run (``--max-steps 100``, the same programs) fills the compilation cache first, as
     a user's second run finds it. Each run's rate counts its whole ``fit`` (``seconds`` in the final
     metrics row: data onto the device, building, compiling or loading, every step, evaluation, the
-    final checkpoint). Raises ``RuntimeError`` with train.py's last line if a run fails.
+    final checkpoint). Raises :class:`TrainRunFailed` if a run fails.
     """
     import subprocess
     import tempfile
@@ -422,7 +430,7 @@ def train_run(fused_run: Callable[[int], None], data: Path | None, rounds: int, 
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines() or ["(no output)"]
-            raise RuntimeError(f"train.py exited {done.returncode}: {lines[-1]}")
+            raise TrainRunFailed(done.returncode, lines[-1])
         return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 
     rows = []
@@ -488,9 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py --epochs {TRAIN_RUN_EPOCHS} (whole fit) against the fused functional loop, batch {BATCH}:", flush=True)
         try:
             result["train_run"] = train_run(fused.run, args.data, rounds=3, steps=steps)
-        except RuntimeError as err:
+        except TrainRunFailed as err:  # train.py's own usage error (bad data, say) stays exit status 2
             print(f"bench.py: error: {err}", file=sys.stderr)
-            return 1
+            return 2 if err.returncode == 2 else 1
         print(f"train.py reaches {result['train_run']['ratio']:.2f} of the fused loop (median of 3 runs)")
         result["seconds"] = time.perf_counter() - began
         if args.json:

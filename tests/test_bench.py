@@ -44,3 +44,13 @@ def test_train_run_with_missing_data_is_a_usage_error_naming_it(capsys):
         bench.main(["--train-run", "--data", "/no/such/mnist"])
     assert exit_info.value.code == 2
     assert "--data /no/such/mnist does not exist" in capsys.readouterr().err
+
+
+def test_a_failed_train_run_names_train_pys_exit_status_and_last_line(monkeypatch):
+    import subprocess
+
+    failed = subprocess.CompletedProcess([], 2, stdout="", stderr="train.py: error: data: not MNIST\n")
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: failed)
+    with pytest.raises(bench.TrainRunFailed, match="train.py exited 2: train.py: error: data: not MNIST") as err:
+        bench.train_run(lambda n: None, None, rounds=1, steps=100)
+    assert err.value.returncode == 2
