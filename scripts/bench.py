@@ -482,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be >= 100 and --repeats >= 1")
     if args.data is not None and not args.data.exists():
         parser.error(f"--data {args.data} does not exist")
+    if args.train_run:  # on a GPU, this process and each train.py beside it take memory as they need it, not 75% each
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     began = time.perf_counter()
 
     rng = np.random.default_rng(0)
