@@ -125,7 +125,7 @@ def test_linear_schedule_goes_lr_to_end_lr():
     sched = make_schedule(OptimConfig(lr=lr, schedule="linear", end_lr=end), total_updates=total)
     expected = {0: lr, 25: lr + 0.25 * (end - lr), 50: (lr + end) / 2, 99: lr + 0.99 * (end - lr), 100: end, 150: end}
     for t, want in expected.items():
-        np.testing.assert_allclose(float(sched(t)), want, rtol=1e-6)
+        np.testing.assert_allclose(float(sched(t)), want, rtol=1e-5)  # float32: 2.5e-6 off at t=99 on a GPU
 
 
 def warmup_reference(t, lr, end_lr, warmup, total):

@@ -70,7 +70,7 @@ def tutorial():
     key = jax.random.PRNGKey(0xFFFF)
     key, model_key = jax.random.split(key)
     model = VAE(latent_dim=32)
-    params = model.init(
+    params = jax.jit(model.init)(  # one compiled program, as vae.init is (on a GPU eager init differs in the last bits)
         model_key, jnp.zeros((batch_size, 784)), jnp.zeros((batch_size, num_classes)), jax.random.PRNGKey(0)
     )["params"]
     return model, params, model_key

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -105,8 +106,10 @@ def _example_inputs(config: ConvVAEConfig) -> dict[str, Any]:
     }
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def init(key: PRNGKeyArray, config: ConvVAEConfig = ConvVAEConfig()) -> Params:
-    """The params, as Flax's ``ConvVAE.init`` makes them for ``key``."""
+    """The params, as Flax's ``jax.jit(ConvVAE.init)`` makes them for ``key``: one compiled program
+    however it is called (on a GPU an eager initialiser differs from a jitted one in the last bits)."""
     layers, inputs = _layers(config), _example_inputs(config)
 
     def build(layer: Any, x: Any, scope: nn.Scope) -> Any:
