@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from pureflax import loop, rundir, train, vae
+from pureflax import step as step_lib
 from tiny import tiny_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +80,29 @@ def test_one_fused_program_runs_every_chunk_up_to_its_capacity():
     np.testing.assert_allclose(np.concatenate(results[True][0]), np.concatenate(results[False][0]), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(results[True][1]), jax.tree_util.tree_leaves(results[False][1])):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _program(lowered) -> list[str]:
+    """A lowered program's StableHLO without what only names it: locations and quoted strings."""
+    text = re.sub(r"loc\(#loc\d*\)|\"[^\"]*\"", "", lowered.as_text())
+    return [line.strip() for line in text.splitlines() if not line.startswith("#loc")]
+
+
+def test_the_functional_flax_and_nnx_forms_hand_xla_one_program():
+    """Fused, the functional, Flax and NNX forms are one program to XLA, line for line but for
+    names, so one speed on any platform: a gap between them in a benchmark is its noise."""
+    from pureflax.compat.backends import get_backend
+
+    data = tiny_mnist(n_train=32, n_test=8).train
+    batch = step_lib.Batch(jax.numpy.asarray(data.images), jax.numpy.asarray(data.labels))
+    order, config = loop.epoch_order(jax.random.PRNGKey(1), 32, 8), train.TrainConfig(model=SMALL, batch_size=8)
+    programs = {}
+    for name in ("functional", "flax", "nnx"):
+        state, _, _, step = train.build(config, get_backend(name, SMALL), 100, jax.random.PRNGKey(0))
+        programs[name] = _program(loop.make_fused_runner(step).lower(state, batch, order, 0, jax.random.PRNGKey(2), 4))
+    assert len(programs["functional"]) > 100
+    assert programs["flax"] == programs["functional"]
+    assert programs["nnx"] == programs["functional"]
 
 
 def test_fused_by_default_except_the_conv_vae_on_cpu():
