@@ -25,7 +25,7 @@ from flax import nnx
 from flax.training.train_state import TrainState as FlaxTrainState
 
 from pureflax import convvae, models, nn, vae
-from pureflax.backend import Backend, functional_backend, functional_init
+from pureflax.backend import Backend, functional_backend
 from pureflax.compat import convert, equinox_models, flax_models, nnx_models
 from pureflax.state import TrainState
 from pureflax.step import BATCH_STATS, MODEL_STATE, default_apply_gradients
@@ -54,7 +54,7 @@ def equinox_backend(config: models.ModelConfig) -> Backend:
     """Params are an ``equinox_models.VAE``; state a :class:`pureflax.TrainState` holding it."""
     if models.kind_of(config) == "conv":
         return _equinox_conv_backend(config)
-    init = functional_init(config)
+    init = models.of(config).init
 
     def build(key: jax.Array) -> equinox_models.VAE:
         return equinox_models.VAE(**module_sizes(config), key=key)
@@ -79,7 +79,8 @@ def equinox_backend(config: models.ModelConfig) -> Backend:
 
 def _equinox_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
     """Params are an ``equinox_models.ConvVAE``; its BatchNorm statistics an ``eqx.nn.State`` in ``model_state``."""
-    init, functional = functional_init(config), models.of(config)
+    functional = models.of(config)
+    init = functional.init
 
     def build(key: jax.Array):
         return eqx.nn.make_with_state(equinox_models.ConvVAE)(**conv_sizes(config), key=key)
@@ -105,7 +106,7 @@ def flax_backend(config: models.ModelConfig) -> Backend:
     """Params are Flax variables ``{'params': ...}``; state Flax's own ``TrainState``."""
     if models.kind_of(config) == "conv":
         return _flax_conv_backend(config)
-    init = functional_init(config)
+    init = models.of(config).init
     model = flax_models.VAE(
         encoder_dimensions=config.encoder_dimensions,
         decoder_dimensions=config.decoder_dimensions,
@@ -138,7 +139,8 @@ def flax_backend(config: models.ModelConfig) -> Backend:
 
 def _flax_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
     """Params are ``{'params': ...}``; state ``flax_models.TrainState``, BatchNorm's statistics in its ``batch_stats``."""
-    init, functional = functional_init(config), models.of(config)
+    functional = models.of(config)
+    init = functional.init
     model = flax_models.ConvVAE(**conv_sizes(config))
 
     def init_params(key: jax.Array, native: bool) -> dict:
@@ -181,7 +183,7 @@ def nnx_backend(config: models.ModelConfig) -> Backend:
     """
     if models.kind_of(config) == "conv":
         return _nnx_conv_backend(config)
-    init = functional_init(config)
+    init = models.of(config).init
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: nnx_model(config, nnx.Rngs(0))), nnx.Param)
     like = nnx.as_pure(abstract)
 
@@ -207,7 +209,8 @@ def nnx_backend(config: models.ModelConfig) -> Backend:
 
 def _nnx_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
     """Params the ``nnx.Param`` State, model state the ``nnx.BatchStat`` State, both pure arrays."""
-    init, functional = functional_init(config), models.of(config)
+    functional = models.of(config)
+    init = functional.init
     graphdef, abstract, abstract_stats = nnx.split(nnx.eval_shape(lambda: nnx_model(config, nnx.Rngs(0))), nnx.Param, nnx.BatchStat)
     like, like_stats = nnx.as_pure(abstract), nnx.as_pure(abstract_stats)
 

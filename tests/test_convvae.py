@@ -15,7 +15,6 @@ import pytest
 from tiny import tiny_mnist
 
 from pureflax import checkpoint, convvae, models, rundir, step as step_lib, train, vae
-from pureflax.backend import functional_init
 from pureflax.compat import convert, equinox_models, flax_models, load, nnx_models
 from pureflax.compat.backends import BACKENDS, get_backend
 from pureflax.state import TrainState
@@ -37,7 +36,7 @@ def inputs():
 
 @pytest.fixture(scope="module")
 def functional():
-    return functional_init(CONFIG)(jax.random.key(0)), models.of(CONFIG).init_state()
+    return models.of(CONFIG).init(jax.random.key(0)), models.of(CONFIG).init_state()
 
 
 def test_init_is_linens_bit_for_bit(functional, inputs):

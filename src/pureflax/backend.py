@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -51,18 +50,10 @@ class Backend(NamedTuple):
         return None if self.slot is None else self.slot.get(state)
 
 
-@functools.cache
-def functional_init(config: models.ModelConfig) -> Callable[[jax.Array], Any]:
-    """The model's init jitted for ``config``: one compiled program rather than many eager ops.
-
-    Cached per config, so every backend of one config shares the compiled init.
-    """
-    return jax.jit(models.of(config).init)
-
-
 def functional_backend(config: models.ModelConfig) -> Backend:
     """The core form: params are the functional dict, state a :class:`pureflax.TrainState`."""
-    init, model = functional_init(config), models.of(config)
+    model = models.of(config)
+    init = model.init  # one compiled program per config, shared by every backend
 
     def init_params(key: jax.Array, native: bool) -> Any:
         del native  # the functional init is Flax's own: there is no other
