@@ -54,3 +54,23 @@ def test_a_failed_train_run_names_train_pys_exit_status_and_last_line(monkeypatc
     with pytest.raises(bench.TrainRunFailed, match="train.py exited 2: train.py: error: data: not MNIST") as err:
         bench.train_run(lambda n: None, None, rounds=1, steps=100)
     assert err.value.returncode == 2
+
+
+@pytest.mark.parametrize("preset, want", [(None, "false"), ("true", "true")])
+def test_train_run_lets_each_process_take_gpu_memory_as_it_needs_unless_told(monkeypatch, tmp_path, preset, want):
+    """bench.py --train-run runs train.py beside itself: on a GPU two processes preallocating 75% each cannot both start."""
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "unset by the test")  # restored at teardown
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
+    if preset is not None:
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", preset)
+    monkeypatch.setattr(bench, "backend_runs", lambda *args, **kwargs: (None, bench.Loop(lambda n: None)))
+    seen = {}
+
+    def train_run(*args, **kwargs):  # what train.py's processes would inherit
+        seen["env"] = bench.os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
+        return {"runs": [], "ratio": 1.0}
+
+    monkeypatch.setattr(bench, "train_run", train_run)
+    (tmp_path / "mnist.pkl.gz").touch()
+    assert bench.main(["--train-run", "--data", str(tmp_path / "mnist.pkl.gz")]) == 0
+    assert seen["env"] == want
