@@ -2,8 +2,8 @@
 
 ``FeedForward`` (compact form), ``VAE`` (``setup`` form with ``encode``, ``decode``,
 ``reparam``), and the two small forms ``Model`` (setup) and ``ModelCompact``.
-For the same key, ``VAE(latent_dim=32).init(...)['params']`` equals
-``pureflax.vae.init(key, VAEConfig(latent_dim=32))`` bit for bit.
+For the same key, ``jax.jit(VAE(latent_dim=32).init)(...)['params']`` equals
+``pureflax.vae.init(key, VAEConfig(latent_dim=32))`` bit for bit (on a CPU the eager ``init`` too).
 
 Example:
     >>> import jax, jax.numpy as jnp

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.typing import ArrayLike
 
-from pureflax import vae
+from pureflax import convvae, vae
 
 batch_size, num_classes = 16, 10
 
@@ -98,6 +98,14 @@ def test_init_is_the_tutorials_init_bitwise(tutorial):
     params = vae.init(model_key, vae.VAEConfig(latent_dim=32))
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(flax_params)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("init, config", [(vae.init, vae.VAEConfig(latent_dim=3)), (convvae.init, convvae.ConvVAEConfig(features=(4, 8), latent_dim=3))])
+def test_init_is_one_compiled_program_however_it_is_called(init, config):
+    """Called eagerly, the init is one jitted call, as it is inside any jit: the same bits either
+    way on every platform (on a GPU eager and jitted initialisers differ in the last bits)."""
+    eqns = jax.make_jaxpr(lambda key: init(key, config))(jax.random.PRNGKey(0)).eqns
+    assert len(eqns) == 1 and eqns[0].primitive.name in ("pjit", "jit"), [e.primitive.name for e in eqns]
 
 
 def test_apply_matches_the_tutorials_apply(tutorial):

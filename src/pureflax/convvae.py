@@ -8,7 +8,7 @@ two stride-2 transposed convolutions back to 28×28 (the first followed by Batch
 Images travel flattened, (batch, 784), as for the MLP, so the loss, data and step are
 the same; inside the model they are NHWC and flatten in (H, W, C) order, as Flax's.
 
-``init(key, config)`` gives the params of ``flax_models.ConvVAE(...).init(...)['params']``
+``init(key, config)`` gives the params of ``jax.jit(flax_models.ConvVAE(...).init)(...)['params']``
 bit for bit (Flax's names and init keys); ``init_state(config)`` the ``batch_stats``
 (running mean 0, variance 1). ``apply(params, model_state, x, c, key, config, train=...)``
 returns ``((recon, mean, logvar), model_state)``: with ``train=True`` BatchNorm uses the

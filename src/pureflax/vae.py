@@ -2,7 +2,7 @@
 
 ``init(key, config)`` returns a params tree with exactly the paths and shapes of the
 tutorial's ``VAE(latent_dim=32).init(...)['params']`` — and, for the same key, the same
-values. ``apply(params, x, c, key)`` returns ``(recon, mean, logvar)`` as the tutorial's
+values (those of ``jax.jit(model.init)``; on a CPU the eager ``model.init`` gives them too). ``apply(params, x, c, key)`` returns ``(recon, mean, logvar)`` as the tutorial's
 ``model.apply`` does.
 
 Example:
@@ -78,7 +78,7 @@ def _layers(config: VAEConfig) -> dict[str, nn.Layer]:
 
 @functools.partial(jax.jit, static_argnames="config")
 def init(key: PRNGKeyArray, config: VAEConfig = VAEConfig()) -> Params:
-    """Initialise the VAE's params as Flax's ``VAE.init`` does, key for key.
+    """Initialise the VAE's params as Flax's ``jax.jit(VAE.init)`` does, key for key.
 
     One compiled program however it is called, so every form's init gives the same bits on every
     platform: on a GPU an eager initialiser and a jitted one differ in the last bits (Linen's
