@@ -153,7 +153,7 @@ def test_four_devices_match_one_device(tmp_path):
     from pureflax.data import save_mnist
 
     save_mnist(tiny_mnist(n_train=128, n_test=16), tmp_path / "data")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-c", TWO_RUNS, str(Path(__file__).resolve().parent), str(tmp_path / "data"), str(tmp_path)],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
