@@ -11,7 +11,7 @@ import tempfile
 # figures of docs/parity.md with XLA's defaults, as users run).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # XLA:CPU's fusion emitters spend ~45 ms compiling even a lone elementwise op (an eager `x + y`);
-# its older emitters half that. The suite compiles ~3,500 programs, most of them such ops: with
+# its older emitters halve that. The suite compiles ~3,500 programs, most of them such ops: with
 # the older ones it took 225 s rather than 299 s on 2 cores, every test passing either way.
 if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
