@@ -59,7 +59,8 @@ def test_fused_and_per_step_give_the_same_losses_and_state(tmp_path, backend):
 
 def test_one_fused_program_runs_every_chunk_up_to_its_capacity():
     """An epoch that ends mid log window makes a shorter chunk: the same program runs it (no second
-    compile), and each chunk's metrics are its own steps', as the per-step runner gives them."""
+    compile, and no slicing op on the device: its metrics come back padded, read_metrics trims them
+    on the host), and each chunk's metrics are its own steps', as the per-step runner gives them."""
     from pureflax.compat.backends import get_backend
 
     config = train.TrainConfig(epochs=2, batch_size=8, log_every=4, model=SMALL)  # the programs of the test above
@@ -69,13 +70,18 @@ def test_one_fused_program_runs_every_chunk_up_to_its_capacity():
     for fused in (True, False):
         state, _, _, train_step = train.build(config, get_backend("functional", SMALL), 24, jax.random.PRNGKey(0))
         runner = loop.make_fused_runner(train_step, capacity=4) if fused else loop.make_per_step_runner(train_step)
-        metrics = []
+        metrics, rows = [], []
         for start, length in ((0, 4), (4, 3), (7, 1)):
             state, chunk = runner(state, data, order, start, key, length)
-            metrics.append(np.asarray(chunk))
+            rows.append(chunk.shape[0])
+            metrics.append(loop.read_metrics(chunk, length))
         results[fused] = metrics, state
         if fused:
             assert runner.program._cache_size() == 1
+            assert rows == [4, 4, 4]  # the program's own output, padded
+            assert not np.asarray(chunk)[1:].any()  # the last chunk's 3 rows of padding are zeros
+        else:
+            assert rows == [4, 3, 1]
     assert [m.shape for m in results[True][0]] == [(4, 3), (3, 3), (1, 3)]
     np.testing.assert_allclose(np.concatenate(results[True][0]), np.concatenate(results[False][0]), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(results[True][1]), jax.tree_util.tree_leaves(results[False][1])):

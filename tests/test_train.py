@@ -1,5 +1,6 @@
 """scripts/train.py end to end on tiny data, and its answers to bad input."""
 
+import gc
 import json
 import os
 import subprocess
@@ -84,18 +85,34 @@ def test_checkpoint_of_the_run_restores(smoke_run):
 
 
 def test_fit_is_deterministic_and_learns(tmp_path):
+    """Same seed, same run; and the run keeps Python's cycle collector off the heap it found (train.heap_frozen),
+    giving it back at the end."""
     config = train.TrainConfig(epochs=3, batch_size=8, log_every=4, seed=3, pictures=False)
     data = tiny_mnist()
-    results = []
+    results, frozen = [], []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        results.append(train.fit(config, data, tmp_path / name, progress=False))
+        results.append(train.fit(config, data, tmp_path / name, progress=False,
+                                 hook=lambda event, step: frozen.append(gc.get_freeze_count())))
+        assert gc.get_freeze_count() == 0
+    assert frozen and min(frozen) > 10_000
     a, b = results
     assert [r["loss"] for r in a.log] == [r["loss"] for r in b.log]
     assert a.log[-1]["loss"] < a.log[0]["loss"]
     assert not list((tmp_path / "a").glob("*.png"))  # pictures=False: none drawn
     for x, y in zip(jax.tree_util.tree_leaves(a.state), jax.tree_util.tree_leaves(b.state)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_heap_frozen_before_is_left_frozen():
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with train.heap_frozen():
+            assert gc.get_freeze_count() <= before  # not frozen again (objects only die meanwhile)
+        assert gc.get_freeze_count() > 0  # and not thawed on the way out
+    finally:
+        gc.unfreeze()
 
 
 def test_max_steps_stops_early(tiny_data, tmp_path):

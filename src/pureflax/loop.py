@@ -2,8 +2,10 @@
 
 Both runners have one signature, ``run(state, data, order, start, key, length) ->
 (state, metrics)``: they take steps ``start .. start + length - 1`` of an epoch whose
-batch order is ``order`` and return the new state and the per-step metrics, shape
-(length, 3) as (loss, mse, kl). The fused runner does it in one jitted loop with the
+batch order is ``order`` and return the new state and the per-step metrics on the device,
+row i (loss, mse, kl) of step ``start + i``; a fused chunk shorter than its program's
+capacity comes back padded with zero rows, which :func:`read_metrics` drops on the host
+(slicing on the device would be one more op to compile mid-run). The fused runner does it in one jitted loop with the
 state donated, the length an argument of the program (one program serves every chunk up
 to its capacity); the per-step runner dispatches one jitted step at a time. Both gather
 batches on the device from the resident dataset and call the same train step with the
@@ -118,12 +120,17 @@ class FusedRunner(NamedTuple):
     capacity: int
 
     def __call__(self, state, data: Batch, order, start, key, length: int):
-        state, metrics = self.program(state, data, order, start, key, length, max(length, self.capacity))
-        return state, metrics if metrics.shape[0] == length else metrics[:length]
+        """Run the chunk; its metrics are ``max(length, capacity)`` rows (:func:`read_metrics` takes ``length``)."""
+        return self.program(state, data, order, start, key, length, max(length, self.capacity))
 
     def lower(self, state, data: Batch, order, start, key, length: int):
         """The program that runs a chunk of ``length`` steps, lowered (``.compile()`` it)."""
         return self.program.lower(state, data, order, start, key, length, max(length, self.capacity))
+
+
+def read_metrics(metrics: jax.Array, length: int) -> np.ndarray:
+    """A chunk's metrics on the host, (length, 3) float64: waits for the chunk, drops its padding."""
+    return np.asarray(jax.device_get(metrics), np.float64)[:length]
 
 
 def make_fused_runner(train_step: Callable, placement: Placement = Placement(None), capacity: int = 1) -> FusedRunner:

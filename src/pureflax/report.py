@@ -18,7 +18,20 @@ def evaluate(eval_step, params, data: step_lib.Batch, key: jax.Array, batch_size
     One jitted program (a ``lax.scan`` over the full batches, then the last partial one), read
     back once; ``model_state`` (BatchNorm's running statistics) goes to the eval step as it is.
     """
-    return step_lib.Metrics(*np.asarray(jax.device_get(_split_means(eval_step, params, model_state, data, key, batch_size)), np.float64))
+    return read_means(start_evaluation(eval_step, params, data, key, batch_size, model_state))
+
+
+def start_evaluation(eval_step, params, data: step_lib.Batch, key: jax.Array, batch_size: int, model_state=None) -> jax.Array:
+    """:func:`evaluate`'s program, dispatched: its (loss, mse, kl) means on the device, not waited for.
+
+    Queued behind the program that computes ``params``, so it is prepared while that one runs.
+    """
+    return _split_means(eval_step, params, model_state, data, key, batch_size)
+
+
+def read_means(means: jax.Array) -> step_lib.Metrics:
+    """The (loss, mse, kl) means of :func:`start_evaluation` on the host (waiting for them)."""
+    return step_lib.Metrics(*np.asarray(jax.device_get(means), np.float64))
 
 
 @partial(jax.jit, static_argnums=(0, 5))
