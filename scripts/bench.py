@@ -50,19 +50,40 @@ def model_flops_per_step(config: vae.VAEConfig, batch: int = BATCH) -> int:
     return 3 * 2 * batch * macs
 
 
-def interleaved_rates(runs: dict, steps: int, repeats: int) -> dict[str, float]:
-    """Median steps/s of each ``run(steps)`` (which blocks until done), the runs taking turns.
+def interleaved_samples(runs: dict, steps: int, repeats: int, slices: int = 1) -> dict[str, list[float]]:
+    """Steps/s of each run in every repeat: ``steps`` steps, as ``slices`` calls of ``run(steps // slices)``
+    (each blocks until done), the runs taking turns slice by slice.
 
-    Taking turns within each repeat spreads the machine's slow and fast moments over all
-    contenders, so their ratios are fair on a shared, noisy machine.
+    Taking turns spreads the machine's slow and fast moments over all contenders, so their ratios
+    are fair on a shared, noisy machine; the finer the slices, the closer in time the contenders run.
     """
+    if steps % slices:
+        raise ValueError(f"{steps} steps do not split into {slices} slices")
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run(steps)
-            rates[name].append(steps / (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in rates.items()}
+        seconds = dict.fromkeys(runs, 0.0)
+        for _ in range(slices):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run(steps // slices)
+                seconds[name] += time.perf_counter() - start
+        for name in runs:
+            rates[name].append(steps / seconds[name])
+    return rates
+
+
+def interleaved_rates(runs: dict, steps: int, repeats: int) -> dict[str, float]:
+    """Median steps/s of each run over :func:`interleaved_samples`' repeats."""
+    return {name: statistics.median(values) for name, values in interleaved_samples(runs, steps, repeats).items()}
+
+
+def paired_ratio(samples: dict[str, list[float]], a: str, b: str) -> float:
+    """How fast ``a`` runs against ``b``: the median over the repeats of their ratio within one repeat.
+
+    The two were timed seconds apart in each repeat, so the machine's drift from one repeat to the
+    next (a shared host's neighbours come and go) cancels, where a ratio of two medians keeps it.
+    """
+    return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -384,21 +405,24 @@ def scaling(images: np.ndarray, labels: np.ndarray, data: Batch, repeats: int, k
             steps = max(1, int(SCALING_IMAGES[kind] * share) // batch)
             tutorial = tutorial_loop(images, labels, batch) if kind == "mlp" else host_batch_loop(model, images, labels, batch)
             _, fused = backend_runs("functional", data, steps, model, batch, per_step=False)
-            rates = interleaved_rates({"tutorial": tutorial.run, "fused": fused.run}, steps, repeats)
+            samples = interleaved_samples({"tutorial": tutorial.run, "fused": fused.run}, steps, repeats)
+            rates = {name: statistics.median(values) for name, values in samples.items()}
+            faster = paired_ratio(samples, "fused", "tutorial")
             rows.append({
                 "model": kind, "batch": batch,
                 "tutorial_steps_per_s": rates["tutorial"], "fused_steps_per_s": rates["fused"],
                 "tutorial_images_per_s": rates["tutorial"] * batch, "fused_images_per_s": rates["fused"] * batch,
-                "fused_vs_tutorial": rates["fused"] / rates["tutorial"],
+                "fused_vs_tutorial": faster,
                 "tutorial_compile_seconds": tutorial.compile_seconds, "fused_compile_seconds": fused.compile_seconds,
                 "tutorial_peak_bytes": tutorial.peak_bytes, "fused_peak_bytes": fused.peak_bytes,
             })
             print(f"  {kind} batch {batch}: fused {rates['fused'] * batch:,.0f} images/s, "
-                  f"{rates['fused'] / rates['tutorial']:.2f}x the tutorial's way", flush=True)
+                  f"{faster:.2f}x the tutorial's way", flush=True)
     return rows
 
 
 TRAIN_RUN_EPOCHS = 3
+TRAIN_RUN_REFERENCE = 2800  # steps per timed repeat of the loop around a run: 4 of them ~ the run's 11,250 steps
 
 
 class TrainRunFailed(RuntimeError):
@@ -412,7 +436,8 @@ class TrainRunFailed(RuntimeError):
 def train_run(fused_run: Callable[[int], None], data: Path | None, rounds: int, steps: int) -> dict:
     """``train.py --epochs 3 --no-pictures`` in a process of its own against the fused loop it runs,
     taking turns: the fused functional loop is timed (``steps`` steps, twice) just before and just
-    after each run, and the run is compared with the mean of the two.
+    after each run, and the run is compared with the mean of the two (with the default ``steps``,
+    the loop is timed for about as many steps as the run takes, so both see the machine's weather).
 
     One warm-up run (``--max-steps 100``, the same programs) fills the compilation cache first, as
     a user's second run finds it. Each run's rate counts its whole ``fit`` (``seconds`` in the final
@@ -468,7 +493,8 @@ def print_scaling(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
-    parser.add_argument("--steps", type=int, default=None, help="steps per timed repeat at batch 16 (default 800; 200 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed repeat at batch 16 (default 800; 200 with "
+                        f"--quick; {TRAIN_RUN_REFERENCE} with --train-run)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="a check in under a minute: fewer steps and repeats, "
                         "no per-step rows, the scaling table for the MLP only")
@@ -476,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                         "against the fused loop timed around each run (about a minute; needs MNIST)")
     parser.add_argument("--data", type=Path, default=None, help="MNIST for --train-run, as train.py's --data (default: its cache)")
     args = parser.parse_args(argv)
-    steps = args.steps if args.steps is not None else (200 if args.quick else 800)
+    steps = args.steps if args.steps is not None else (200 if args.quick else TRAIN_RUN_REFERENCE if args.train_run else 800)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     if steps < 100 or repeats < 1:
         parser.error("--steps must be >= 100 and --repeats >= 1")
@@ -520,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     runs["bound"] = gradient_only_run(device_data, 100)
     shapes = jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), vae.VAEConfig()))
     runs["gemm"] = gemm_run(shapes, 100)
-    rates = interleaved_rates(runs, steps, repeats)
+    samples = interleaved_samples(runs, steps, repeats, slices=steps // 100 if steps % 100 == 0 else 1)  # a chunk at a time
+    rates = {name: statistics.median(values) for name, values in samples.items()}
+    ratio = lambda a, b: paired_ratio(samples, a, b)  # noqa: E731
     result["gemm_bound_steps_per_s"] = rates["gemm"]
     result["gradient_only_steps_per_s"] = rates["bound"]
     result["tutorial_loop_steps_per_s"] = rates["tutorial"]
@@ -531,11 +559,13 @@ def main(argv: list[str] | None = None) -> int:
     result["compile_seconds"] = compile_seconds
     result["fused_peak_bytes"] = {name: loop.peak_bytes for name, loop in fused_loops.items()}
     result["mfu"] = {name: rate * result["model_flops_per_step"] / (result["matmul_gflops"] * 1e9) for name, rate in fused.items()}
-    result["nnx_loop_vs_tutorial_loop"] = rates["nnx_loop"] / rates["tutorial"]
-    result["fused_vs_tutorial_loop"] = {name: rate / rates["tutorial"] for name, rate in fused.items()}
-    result["fused_vs_nnx_loop"] = {name: rate / rates["nnx_loop"] for name, rate in fused.items()}
-    result["fused_vs_equinox_loop"] = {name: rate / rates["equinox_loop"] for name, rate in fused.items()}
-    result["fraction_of_bound"] = {name: rate / rates["gemm"] for name, rate in fused.items()}
+    # every ratio pairs the two loops within each repeat (paired_ratio), so the host's drift between repeats cancels
+    result["nnx_loop_vs_tutorial_loop"] = ratio("nnx_loop", "tutorial")
+    result["fused_vs_tutorial_loop"] = {name: ratio(f"{name}/fused", "tutorial") for name in BACKENDS}
+    result["fused_vs_nnx_loop"] = {name: ratio(f"{name}/fused", "nnx_loop") for name in BACKENDS}
+    result["fused_vs_equinox_loop"] = {name: ratio(f"{name}/fused", "equinox_loop") for name in BACKENDS}
+    result["fraction_of_bound"] = {name: ratio(f"{name}/fused", "gemm") for name in BACKENDS}
+    result["fused_vs_functional"] = {name: ratio(f"{name}/fused", "functional/fused") for name in BACKENDS}
 
     base = result["tutorial_loop_steps_per_s"]
     print(f"device {result['device']}, batch {BATCH}, model {result['model_flops_per_step'] / 1e6:.1f} MFLOP/step, "
@@ -544,24 +574,26 @@ def main(argv: list[str] | None = None) -> int:
     def mfu(rate: float) -> str:
         return f"{rate * result['model_flops_per_step'] / (result['matmul_gflops'] * 1e9):.1%}"
 
-    def row(label: str, rate: float, compile_s: float | None = None) -> None:
-        print(f"| {label} | {rate:.0f} | {rate / base:.2f} | {rate / rates['gemm']:.2f} | {mfu(rate)} | "
+    def row(label: str, run: str, compile_s: float | None = None) -> None:
+        rate = rates[run]
+        print(f"| {label} | {rate:.0f} | {ratio(run, 'tutorial'):.2f} | {ratio(run, 'gemm'):.2f} | {mfu(rate)} | "
               f"{'—' if compile_s is None else f'{compile_s:.1f}'} |")
 
     print("| loop | steps/s | × tutorial loop | of GEMM bound | MFU | compile s |")
     print("|---|---|---|---|---|---|")
-    row("tutorial's loop (linen, jitted step, host batches)", base, peers["tutorial"].compile_seconds)
-    row("NNX docs' loop (nnx.jit step, nnx.Optimizer, host batches)", rates["nnx_loop"])
-    row("Equinox examples' loop (eqx.filter_jit step, vmapped module, host batches)", rates["equinox_loop"])
+    row("tutorial's loop (linen, jitted step, host batches)", "tutorial", peers["tutorial"].compile_seconds)
+    row("NNX docs' loop (nnx.jit step, nnx.Optimizer, host batches)", "nnx_loop")
+    row("Equinox examples' loop (eqx.filter_jit step, vmapped module, host batches)", "equinox_loop")
     for name in per_step:
-        row(f"{name}, per step", per_step[name])
+        row(f"{name}, per step", f"{name}/per_step")
     for name in BACKENDS:
-        row(f"{name}, fused", fused[name], compile_seconds[name])
-    row("functional, fused, loss+gradients only (no optimiser)", rates["bound"])
-    row("in-run GEMM bound: the step's matmuls only (forward, dX, dW at the model's shapes), fused", rates["gemm"])
+        row(f"{name}, fused", f"{name}/fused", compile_seconds[name])
+    row("functional, fused, loss+gradients only (no optimiser)", "bound")
+    row("in-run GEMM bound: the step's matmuls only (forward, dX, dW at the model's shapes), fused", "gemm")
     print("\nfraction of the GEMM bound, fused: " + ", ".join(f"{name} {value:.2f}" for name, value in result["fraction_of_bound"].items()))
-    spread = max(fused.values()) / min(fused.values()) - 1
-    result["fused_spread"] = spread
+    relative = result["fused_vs_functional"]
+    spread = result["fused_spread"] = max(relative.values()) / min(relative.values()) - 1
+    print("fused, against the functional form in the same repeat: " + ", ".join(f"{name} {value:.3f}" for name, value in relative.items()))
     print(f"fused backends within {spread:.1%} of each other\n")
 
     print("how cost grows with the batch (functional fused vs the tutorial's way):", flush=True)

@@ -24,6 +24,14 @@ def test_the_gemm_bound_multiplies_exactly_the_models_matmul_flops():
     assert all(a[1] == b[0] for a, b in shapes)  # every product's inner sizes agree
 
 
+def test_a_paired_ratio_cancels_the_hosts_drift_between_repeats():
+    """b is 10% faster than a in the repeats where neither stalled, while the host slows over the run; b stalls
+    in two repeats. The paired ratio says 1.1; the ratio of the medians mixes moments and says 0.82."""
+    samples = {"a": [100.0, 90.0, 80.0, 70.0, 60.0], "b": [110.0, 99.0, 30.0, 30.0, 66.0]}
+    assert bench.paired_ratio(samples, "b", "a") == pytest.approx(1.1)
+    assert bench.statistics.median(samples["b"]) / bench.statistics.median(samples["a"]) == pytest.approx(0.825)
+
+
 def test_peak_bytes_counts_arguments_outputs_and_scratch_once():
     x = jnp.zeros((256, 256), jnp.float32)  # 256 KiB
     donated = jax.jit(lambda a: a * 2.0, donate_argnums=0).lower(x).compile()
