@@ -56,16 +56,20 @@ def interleaved_samples(runs: dict, steps: int, repeats: int, slices: int = 1) -
 
     Taking turns spreads the machine's slow and fast moments over all contenders, so their ratios
     are fair on a shared, noisy machine; the finer the slices, the closer in time the contenders run.
+    Each round of turns starts one contender later than the round before, so none always runs
+    right after the same neighbour.
     """
     if steps % slices:
         raise ValueError(f"{steps} steps do not split into {slices} slices")
     rates: dict[str, list[float]] = {name: [] for name in runs}
+    names, rounds = list(runs), 0
     for _ in range(repeats):
         seconds = dict.fromkeys(runs, 0.0)
         for _ in range(slices):
-            for name, run in runs.items():
+            first, rounds = rounds % len(names), rounds + 1
+            for name in names[first:] + names[:first]:
                 start = time.perf_counter()
-                run(steps // slices)
+                runs[name](steps // slices)
                 seconds[name] += time.perf_counter() - start
         for name in runs:
             rates[name].append(steps / seconds[name])

@@ -24,6 +24,17 @@ def test_the_gemm_bound_multiplies_exactly_the_models_matmul_flops():
     assert all(a[1] == b[0] for a, b in shapes)  # every product's inner sizes agree
 
 
+def test_contenders_take_turns_a_slice_at_a_time_each_round_starting_one_later():
+    calls = []
+    runs = {name: (lambda n, name=name: calls.append((name, n))) for name in "abc"}
+    samples = bench.interleaved_samples(runs, steps=300, repeats=2, slices=3)
+    assert all(n == 100 for _, n in calls) and len(calls) == 2 * 3 * 3
+    assert [name for name, _ in calls[:9]] == list("abc" "bca" "cab")
+    assert {name: len(rates) for name, rates in samples.items()} == {"a": 2, "b": 2, "c": 2}
+    with pytest.raises(ValueError, match="300 steps do not split into 7 slices"):
+        bench.interleaved_samples(runs, steps=300, repeats=1, slices=7)
+
+
 def test_a_paired_ratio_cancels_the_hosts_drift_between_repeats():
     """b is 10% faster than a in the repeats where neither stalled, while the host slows over the run; b stalls
     in two repeats. The paired ratio says 1.1; the ratio of the medians mixes moments and says 0.82."""
