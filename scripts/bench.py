@@ -7,8 +7,11 @@ All in one process, the full-size VAE, adamw(1e-4). Throughput is the median of 
 timed runs after a warm-up, all the loops taking turns in every repeat; compile time is measured
 separately. At batch 16: the tutorial's loop, the NNX docs' and the Equinox examples' loops, every
 backend per step and fused, and a fused scan of only the step's own matrix products
-(``gemm_run``), the in-run bound each fused loop is reported against (``fraction_of_bound``); a
-float32 matmul measured in the same run stands in for the machine's peak, for the MFU column.
+(``gemm_run``), the in-run bound each fused loop is reported against (``fraction_of_bound``), and
+the step's two parts apart — loss and gradients only, AdamW's update only — whose added times
+are the step run one part after the other (``fraction_of_parts``); a float32 matmul measured in
+the same run stands in for the machine's peak, for the MFU column. Every ratio pairs the two
+loops within each repeat (``paired_ratio``).
 Then how cost grows with the batch (16, 64, 256) for the MLP and the conv VAE: images/s,
 steps/s, compile seconds and peak memory of the tutorial's way against the fused loop.
 ``--quick`` (under a minute) takes fewer steps and repeats, leaves out the per-step rows and scales the MLP only.
@@ -25,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -348,6 +352,33 @@ def gradient_only_run(data: Batch, chunk: int):
     return run
 
 
+def optimizer_only_run(chunk: int):
+    """The optimiser's share of a step: fused AdamW updates of the full-size params and nothing else.
+
+    The gradients are ``1e-3 * params`` (read in the same pass as the params, so they add no
+    memory traffic, and they change every step, so XLA cannot hoist any of the update out of the loop).
+    """
+    config = train.TrainConfig()
+    state, tx, _, _ = train.build(config, get_backend("functional", config.model), 10**6, jax.random.PRNGKey(0xFFFF))
+
+    @partial(jax.jit, donate_argnums=0)
+    def chunk_of(state):
+        def body(_, state):
+            return state.apply_gradients(grads=jax.tree_util.tree_map(lambda p: 1e-3 * p, state.params), tx=tx)
+
+        return jax.lax.fori_loop(0, chunk, body, state)
+
+    holder = {"state": state}
+
+    def run(n: int) -> None:
+        for _ in range(max(1, n // chunk)):
+            holder["state"] = chunk_of(holder["state"])
+        holder["state"].step.block_until_ready()
+
+    run(chunk)
+    return run
+
+
 def gemm_shapes(params, batch: int = BATCH) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """The matrix products of one train step, from the params' 2-D kernels (in, out) at ``batch``:
     forward ``x @ W``, input gradient ``dY @ W.T`` and weight gradient ``X.T @ dY``, each as (lhs, rhs) shapes.
@@ -424,6 +455,8 @@ def scaling(images: np.ndarray, labels: np.ndarray, data: Batch, repeats: int, k
                   f"{faster:.2f}x the tutorial's way", flush=True)
     return rows
 
+
+SAME_PROGRAM = ("functional", "flax", "nnx")  # fused, one program to XLA: test_the_functional_flax_and_nnx_forms_hand_xla_one_program
 
 TRAIN_RUN_EPOCHS = 3
 TRAIN_RUN_REFERENCE = 2800  # steps per timed repeat of the loop around a run: 4 of them ~ the run's 11,250 steps
@@ -548,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[f"{name}/per_step"] = per_step.run
     compile_seconds = {name: fused.compile_seconds for name, fused in fused_loops.items()}
     runs["bound"] = gradient_only_run(device_data, 100)
+    runs["optimizer"] = optimizer_only_run(100)
     shapes = jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), vae.VAEConfig()))
     runs["gemm"] = gemm_run(shapes, 100)
     samples = interleaved_samples(runs, steps, repeats, slices=steps // 100 if steps % 100 == 0 else 1)  # a chunk at a time
@@ -570,6 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     result["fused_vs_equinox_loop"] = {name: ratio(f"{name}/fused", "equinox_loop") for name in BACKENDS}
     result["fraction_of_bound"] = {name: ratio(f"{name}/fused", "gemm") for name in BACKENDS}
     result["fused_vs_functional"] = {name: ratio(f"{name}/fused", "functional/fused") for name in BACKENDS}
+    # the step's two parts timed apart, their times added repeat by repeat: what the step would take run one after the other
+    samples["parts"] = [1 / (1 / grads + 1 / update) for grads, update in zip(samples["bound"], samples["optimizer"], strict=True)]
+    rates["parts"] = statistics.median(samples["parts"])
+    result["optimizer_only_steps_per_s"] = rates["optimizer"]
+    result["parts_steps_per_s"] = rates["parts"]
+    result["fraction_of_parts"] = {name: ratio(f"{name}/fused", "parts") for name in BACKENDS}
 
     base = result["tutorial_loop_steps_per_s"]
     print(f"device {result['device']}, batch {BATCH}, model {result['model_flops_per_step'] / 1e6:.1f} MFLOP/step, "
@@ -578,9 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     def mfu(rate: float) -> str:
         return f"{rate * result['model_flops_per_step'] / (result['matmul_gflops'] * 1e9):.1%}"
 
-    def row(label: str, run: str, compile_s: float | None = None) -> None:
-        rate = rates[run]
-        print(f"| {label} | {rate:.0f} | {ratio(run, 'tutorial'):.2f} | {ratio(run, 'gemm'):.2f} | {mfu(rate)} | "
+    def row(label: str, run: str, compile_s: float | None = None, model: bool = True) -> None:
+        rate = rates[run]  # model=False: a loop without the model's matmuls, for which MFU means nothing
+        print(f"| {label} | {rate:.0f} | {ratio(run, 'tutorial'):.2f} | {ratio(run, 'gemm'):.2f} | {mfu(rate) if model else '—'} | "
               f"{'—' if compile_s is None else f'{compile_s:.1f}'} |")
 
     print("| loop | steps/s | × tutorial loop | of GEMM bound | MFU | compile s |")
@@ -593,12 +633,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in BACKENDS:
         row(f"{name}, fused", f"{name}/fused", compile_seconds[name])
     row("functional, fused, loss+gradients only (no optimiser)", "bound")
+    row("functional, fused, AdamW's update only (no model)", "optimizer", model=False)
+    row("the two parts' times added: loss+gradients, then the update", "parts")
     row("in-run GEMM bound: the step's matmuls only (forward, dX, dW at the model's shapes), fused", "gemm")
     print("\nfraction of the GEMM bound, fused: " + ", ".join(f"{name} {value:.2f}" for name, value in result["fraction_of_bound"].items()))
+    print("fraction of the two parts' added times, fused: " + ", ".join(f"{name} {value:.2f}" for name, value in result["fraction_of_parts"].items()))
     relative = result["fused_vs_functional"]
     spread = result["fused_spread"] = max(relative.values()) / min(relative.values()) - 1
     print("fused, against the functional form in the same repeat: " + ", ".join(f"{name} {value:.3f}" for name, value in relative.items()))
-    print(f"fused backends within {spread:.1%} of each other\n")
+    same = [relative[name] for name in SAME_PROGRAM]
+    noise = result["same_program_spread"] = max(same) / min(same) - 1
+    print(f"fused backends within {spread:.1%} of each other ({', '.join(SAME_PROGRAM)} hand XLA one program, "
+          f"tests/test_loop.py: the {noise:.1%} between them is this run's noise)\n")
 
     print("how cost grows with the batch (functional fused vs the tutorial's way):", flush=True)
     result["scaling"] = scaling(images, labels, device_data, repeats, ("mlp",) if args.quick else ("mlp", "conv"),
