@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a check in under a minute: fewer steps and repeats, "
                         "no per-step rows, the scaling table for the MLP only")
     parser.add_argument("--train-run", action="store_true", help="instead: train.py --epochs 3 (whole fit, three runs) "
-                        "against the fused loop timed around each run (about a minute; needs MNIST)")
+                        "against the fused loop timed around each run (about 80 s; needs MNIST)")
     parser.add_argument("--data", type=Path, default=None, help="MNIST for --train-run, as train.py's --data (default: its cache)")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (200 if args.quick else TRAIN_RUN_REFERENCE if args.train_run else 800)
