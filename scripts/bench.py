@@ -80,9 +80,14 @@ def interleaved_samples(runs: dict, steps: int, repeats: int, slices: int = 1) -
     return rates
 
 
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """Each run's median steps/s over the repeats of :func:`interleaved_samples`."""
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def interleaved_rates(runs: dict, steps: int, repeats: int) -> dict[str, float]:
     """Median steps/s of each run over :func:`interleaved_samples`' repeats."""
-    return {name: statistics.median(values) for name, values in interleaved_samples(runs, steps, repeats).items()}
+    return medians(interleaved_samples(runs, steps, repeats))
 
 
 def paired_ratio(samples: dict[str, list[float]], a: str, b: str) -> float:
@@ -441,7 +446,7 @@ def scaling(images: np.ndarray, labels: np.ndarray, data: Batch, repeats: int, k
             tutorial = tutorial_loop(images, labels, batch) if kind == "mlp" else host_batch_loop(model, images, labels, batch)
             _, fused = backend_runs("functional", data, steps, model, batch, per_step=False)
             samples = interleaved_samples({"tutorial": tutorial.run, "fused": fused.run}, steps, repeats)
-            rates = {name: statistics.median(values) for name, values in samples.items()}
+            rates = medians(samples)
             faster = paired_ratio(samples, "fused", "tutorial")
             rows.append({
                 "model": kind, "batch": batch,
@@ -585,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), vae.VAEConfig()))
     runs["gemm"] = gemm_run(shapes, 100)
     samples = interleaved_samples(runs, steps, repeats, slices=steps // 100 if steps % 100 == 0 else 1)  # a chunk at a time
-    rates = {name: statistics.median(values) for name, values in samples.items()}
+    rates = medians(samples)
     ratio = lambda a, b: paired_ratio(samples, a, b)  # noqa: E731
     result["gemm_bound_steps_per_s"] = rates["gemm"]
     result["gradient_only_steps_per_s"] = rates["bound"]
