@@ -535,7 +535,7 @@ def print_scaling(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
-    parser.add_argument("--steps", type=int, default=None, help="steps per timed repeat at batch 16 (default 800; 200 with "
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed repeat at batch 16, a multiple of 100 (default 800; 200 with "
                         f"--quick; {TRAIN_RUN_REFERENCE} with --train-run)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="a check in under a minute: fewer steps and repeats, "
@@ -546,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (200 if args.quick else TRAIN_RUN_REFERENCE if args.train_run else 800)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
-    if steps < 100 or repeats < 1:
-        parser.error("--steps must be >= 100 and --repeats >= 1")
+    if steps < 100 or steps % 100 or repeats < 1:  # the loops run whole chunks of 100 steps
+        parser.error("--steps must be a multiple of 100 and --repeats >= 1")
     if args.data is not None and not args.data.exists():
         parser.error(f"--data {args.data} does not exist")
     if args.train_run:  # on a GPU, this process and each train.py beside it take memory as they need it, not 75% each
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     runs["optimizer"] = optimizer_only_run(100)
     shapes = jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), vae.VAEConfig()))
     runs["gemm"] = gemm_run(shapes, 100)
-    samples = interleaved_samples(runs, steps, repeats, slices=steps // 100 if steps % 100 == 0 else 1)  # a chunk at a time
+    samples = interleaved_samples(runs, steps, repeats, slices=steps // 100)  # a chunk at a time
     rates = medians(samples)
     ratio = lambda a, b: paired_ratio(samples, a, b)  # noqa: E731
     result["gemm_bound_steps_per_s"] = rates["gemm"]

@@ -51,7 +51,7 @@ def test_peak_bytes_counts_arguments_outputs_and_scratch_once():
     assert x.nbytes <= bench.peak_bytes(donated) < 2 * x.nbytes  # the output reuses the donated argument
 
 
-@pytest.mark.parametrize("argv", [["--steps", "50"], ["--repeats", "0"]])
+@pytest.mark.parametrize("argv", [["--steps", "50"], ["--steps", "150"], ["--repeats", "0"]])
 def test_too_few_steps_or_repeats_is_a_usage_error(argv):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)

@@ -115,6 +115,14 @@ def test_a_heap_frozen_before_is_left_frozen():
         gc.unfreeze()
 
 
+def test_a_failing_run_gives_the_heap_back():
+    with pytest.raises(RuntimeError, match="inside"):
+        with train.heap_frozen():
+            assert gc.get_freeze_count() > 0
+            raise RuntimeError("inside")
+    assert gc.get_freeze_count() == 0
+
+
 def test_max_steps_stops_early(tiny_data, tmp_path):
     assert load_script().main(["--data", str(tiny_data), "--out", str(tmp_path / "o"), "--max-steps", "5", "--batch-size", "8",
                                "--log-every", "5"]) == 0
@@ -206,8 +214,9 @@ def test_every_flag_works_with_every_backend(tiny_data, tmp_path, backend):
 
 
 def test_the_next_chunk_is_dispatched_before_a_chunks_metrics_are_read(tmp_path, monkeypatch):
-    """No host stall between chunks: chunk k+1 is on its way while chunk k is logged; a save waits."""
-    from pureflax import loop, rundir
+    """No host stall between chunks: chunk k+1 is on its way while chunk k is logged; a save waits; the
+    evaluation is dispatched behind the last chunk, before its metrics are read."""
+    from pureflax import loop, report, rundir
 
     events = []
     make = loop.make_fused_runner
@@ -225,8 +234,10 @@ def test_the_next_chunk_is_dispatched_before_a_chunks_metrics_are_read(tmp_path,
     monkeypatch.setattr(loop, "make_fused_runner", logging_runner)
     monkeypatch.setattr(rundir.RunFolder, "record", lambda self, pos, metrics: events.append(("read", pos.step)) or record(self, pos, metrics))
     monkeypatch.setattr(rundir.RunFolder, "save", lambda self, state, pos, *a, save=rundir.RunFolder.save: events.append(("save", pos.step)) or save(self, state, pos, *a))
+    start_evaluation = report.start_evaluation
+    monkeypatch.setattr(report, "start_evaluation", lambda *a: events.append(("evaluate",)) or start_evaluation(*a))
     config = train.TrainConfig(epochs=1, batch_size=8, log_every=2, ckpt_every=6, pictures=False)
     train.fit(config, tiny_mnist(n_train=80, n_test=8), tmp_path / "o", progress=False)
     # chunks of 2 steps (10 in all), a checkpoint at 6: its chunk is read and saved before the next is dispatched
-    assert events[:8] == [("dispatch", 0), ("dispatch", 2), ("read", 0), ("dispatch", 4), ("read", 2), ("read", 4),
-                          ("save", 6), ("dispatch", 6)]
+    assert events == [("dispatch", 0), ("dispatch", 2), ("read", 0), ("dispatch", 4), ("read", 2), ("read", 4),
+                      ("save", 6), ("dispatch", 6), ("dispatch", 8), ("read", 6), ("evaluate",), ("read", 8), ("save", 10)]
