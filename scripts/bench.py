@@ -21,7 +21,6 @@ fused loop timed around each run (:func:`train_run`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -40,6 +39,7 @@ import optax
 from flax import nnx
 
 from pureflax import loop, losses, models, train, vae
+from pureflax.cli import Parser
 from pureflax.compat import equinox_models, flax_models, nnx_models
 from pureflax.compat.backends import BACKENDS, get_backend
 from pureflax.step import Batch
@@ -533,7 +533,7 @@ def print_scaling(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(prog="bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed repeat at batch 16, a multiple of 100 (default 800; 200 with "
                         f"--quick; {TRAIN_RUN_REFERENCE} with --train-run)")

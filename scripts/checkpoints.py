@@ -15,20 +15,13 @@ nnx: an orbax checkpoint folder of ``nnx.state(model)`` as a pure dict; function
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"checkpoints.py: error: {message}\n")
-        raise SystemExit(2)
+from pureflax.cli import Parser
 
 
 def checkpoints_dir(path: Path) -> Path:

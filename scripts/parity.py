@@ -10,7 +10,6 @@ printed below the table.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pureflax import data as data_lib, models, step as step_lib
+from pureflax.cli import Parser
 from pureflax.compat import parity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def cli_runs(data: Path, root: Path, steps: int, model: str = "mlp") -> dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(prog="parity.py", description=__doc__.splitlines()[0])
     parser.add_argument("--synthetic", action="store_true", help="use MNIST-like synthetic images, no dataset")
     parser.add_argument("--data", type=Path, default=None, help="local MNIST, as for train.py")
     parser.add_argument("--model", choices=tuple(models.KINDS), default="mlp", help="which VAE (default mlp)")

@@ -14,16 +14,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from pureflax.cli import Parser
+
 BACKENDS = ("functional", "equinox", "flax", "nnx")  # pureflax.compat.backends.BACKENDS, without importing it for --help
 MODELS = ("mlp", "conv")  # pureflax.models.KINDS
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"train.py: error: {message}\n")
-        raise SystemExit(2)
 
 
 def whole(minimum: int):

@@ -52,10 +52,11 @@ def test_peak_bytes_counts_arguments_outputs_and_scratch_once():
 
 
 @pytest.mark.parametrize("argv", [["--steps", "50"], ["--steps", "150"], ["--repeats", "0"]])
-def test_too_few_steps_or_repeats_is_a_usage_error(argv):
+def test_too_few_steps_or_repeats_is_a_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
     assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "bench.py: error: --steps must be a multiple of 100 and --repeats >= 1\n"  # one line
 
 
 def test_train_run_with_missing_data_is_a_usage_error_naming_it(capsys):
