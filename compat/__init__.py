@@ -12,11 +12,13 @@ Equinox ``(model, eqx.nn.State)`` pair, an NNX module holding ``nnx.BatchStat``.
 from pureflax.compat.convert import (
     ConversionError,
     from_functional,
+    plan,
+    register_layer,
     to_functional,
     variables_from_functional,
     variables_to_functional,
 )
 from pureflax.compat.trained import load, migrate
 
-__all__ = ["ConversionError", "from_functional", "load", "migrate", "to_functional",
+__all__ = ["ConversionError", "from_functional", "load", "migrate", "plan", "register_layer", "to_functional",
            "variables_from_functional", "variables_to_functional"]

@@ -274,30 +274,31 @@ def loader_code(form: str, config: Any, path: str | Path) -> str:
             f"params = read_params({path!r})  # nested functional params; {flat} gives them flat, keyed by path\n")
 
 
-def migrate(source: Any, like: Any) -> Any:
-    """``source`` in ``like``'s form, in one call: Linen to NNX, NNX to Linen, or any pair of forms.
+def migrate(source: Any, like: Any, **options: Any) -> Any:
+    """``source`` in ``like``'s form, in one call: any model, any two forms (:func:`pureflax.compat.convert.migrate`).
 
     Args:
-        source: anything :func:`pureflax.compat.to_functional` takes (Linen variables or params, a
-            Flax ``TrainState``, an NNX module or ``(model, nnx.Optimizer)`` pair, an Equinox
-            module, a ``pureflax.TrainState``), or the path of an orbax checkpoint written the
-            tutorial's way (``ocp.PyTreeCheckpointer().save(path, params)``, or of a Flax
-            ``TrainState``: ``step``, ``params``, ``opt_state``).
-        like: an instance of the form wanted (see :func:`pureflax.compat.from_functional`); for a
-            train state (a pair, a Flax ``TrainState``), its optimiser gives the optimiser state's
-            structure.
+        source: a model in any form (Linen variables, a bound Linen module or a Flax ``TrainState``;
+            an NNX module or ``(model, nnx.Optimizer)``; an Equinox module, ``(model, eqx.nn.State)``
+            or ``(model, opt_state)``; functional params or a ``pureflax.TrainState``), or the path of
+            an orbax checkpoint written the tutorial's way (``ocp.PyTreeCheckpointer().save(path, params)``,
+            or of a Flax ``TrainState``: ``step``, ``params``, ``opt_state``).
+        like: an instance of the form wanted; for a train state its optimiser gives the optimiser
+            state's structure.
+        **options: ``example=``, ``call=``, ``names=``, ``flatten=``, ``tolerance=``, as
+            :func:`pureflax.compat.convert.migrate` takes them.
 
     Returns:
         A new object of ``like``'s form holding ``source``'s values (for NNX, new module and
         optimiser; ``like`` is not changed).
 
     Raises:
-        pureflax.compat.ConversionError: shapes or dtypes differ, or (where both sides are Equinox or
-            NNX modules) a layer's settings do (eps, momentum, strides, padding: see ``convert.check_layers``).
+        pureflax.compat.ConversionError: layers that cannot be matched, shapes, dtypes or settings
+            that differ, or outputs on ``example`` that do.
     """
     if isinstance(source, (str, Path)):
         source = _read_tutorial_checkpoint(Path(source), like)
-    return convert.transfer(source, like)
+    return convert.migrate(source, like, **options)
 
 
 def _read_tutorial_checkpoint(path: Path, like: Any) -> Any:

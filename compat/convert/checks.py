@@ -1,0 +1,238 @@
+"""What proves a match: the settings of every pair of layers, and the outputs of both models on an example.
+
+Settings are compared wherever both sides' can be read (:func:`compare_settings`). With an
+example both models run after the conversion, each called the way its form is called, the
+batch's channels moved where each form's convolutions expect them; a difference over the
+tolerance names the first layer whose output differs where the forms let intermediates be seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pureflax.compat.convert import layers as walk, layouts, leaves
+from pureflax.compat.convert.containers import FlaxTrainState, is_bound_linen, is_eqx_pair, is_nnx_pair
+from pureflax.compat.convert.trees import ConversionError
+from pureflax.state import TrainState
+
+_SAME_WITH_STRIDE = ("'SAME' with a stride pads by the input size ((0, 1) on an even size, (1, 1) on an odd one for a 3x3 "
+                     "kernel at stride 2), so they may compute different outputs: give both layers the same padding")
+
+
+def compare_settings(where: str, source: walk.Layer, target: walk.Layer) -> str:
+    """Refuse two layers whose settings differ; the settings compared, as the plan prints them."""
+    a, b = source.settings, target.settings
+    if a is None or b is None:
+        return "not visible" if (a or b) else "-"
+    row_a, row_b = source.row, target.row
+    for key in (key for key in a if key in b):  # in the row's order: the padding last, strides and dilation decide it
+        if a[key] != b[key]:
+            fix = (_SAME_WITH_STRIDE if key == "padding" and "SAME" in (a[key], b[key])
+                   else f"they would compute different outputs; build the target with {key}={a[key]!r}")
+            raise ConversionError(f"{where}: {key} is {a[key]!r} in the source ({row_a.layer}) and {b[key]!r} in the "
+                                  f"target ({row_b.layer}): {fix}")
+    return ", ".join(f"{key} =" for key in a if key in b) or "-"
+
+
+# ------------------------------------------------------------------- the sides
+
+
+def module_of(obj: Any) -> Any:
+    """The model inside ``obj`` that can be walked and called; None for plain dicts."""
+    if isinstance(obj, (eqx.Module, nnx.Module)) or is_bound_linen(obj):
+        return obj
+    if is_eqx_pair(obj) or is_nnx_pair(obj):
+        return obj[0]
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], eqx.Module):
+        return obj[0]  # (model, opt_state)
+    if isinstance(obj, TrainState) and isinstance(obj.params, eqx.Module):
+        return obj.params
+    if isinstance(obj, FlaxTrainState) and isinstance(getattr(obj.apply_fn, "__self__", None), nn.Module):
+        variables = {"params": obj.params, **({"batch_stats": obj.batch_stats} if getattr(obj, "batch_stats", None) else {})}
+        return obj.apply_fn.__self__.bind(variables)
+    return None
+
+
+def form_of(obj: Any) -> str:
+    module = module_of(obj)
+    if isinstance(module, eqx.Module):
+        return "equinox"
+    if isinstance(module, nnx.Module):
+        return "nnx"
+    return "linen" if module is not None else "dict"
+
+
+def runnable(obj: Any) -> Any:
+    """What a call takes: the module, or for Equinox with an ``eqx.nn.State`` the ``(model, state)`` pair."""
+    if is_eqx_pair(obj):
+        return obj
+    if isinstance(obj, TrainState) and isinstance(obj.params, eqx.Module) and isinstance(obj.model_state, eqx.nn.State):
+        return obj.params, obj.model_state
+    return module_of(obj)
+
+
+def default_call(model: Any, x: Any) -> Any:
+    """A model called the way its form is: Linen and NNX on the batch, Equinox ``jax.vmap`` over it."""
+    if isinstance(model, tuple):
+        return jax.vmap(model[0], in_axes=(0, None), out_axes=(0, None), axis_name="batch")(x, model[1])[0]
+    if isinstance(model, eqx.Module):
+        return jax.vmap(model)(x)
+    return model(x)
+
+
+def side_layers(obj: Any, example: Any = None, call: Callable | None = None) -> list[walk.Layer]:
+    """``obj``'s layers, in call order where it can be traced (Linen), else in definition order."""
+    module = module_of(obj)
+    if isinstance(module, eqx.Module):
+        return walk.eqx_layers(module)
+    if isinstance(module, nnx.Module):
+        return walk.nnx_layers(module)
+    if module is not None:
+        if example is None:
+            return walk.dict_layers(module.variables.get("params", {}), module.variables.get("batch_stats"))
+        unbound, variables = module.unbind()
+        return walk.linen_layers(unbound, variables, lambda m: (call or default_call)(m, example))
+    from pureflax.compat.convert import containers
+
+    parts = containers.container_of(obj).split(obj)
+    params = parts.params.get("params", parts.params) if isinstance(parts.params, Mapping) else parts.params
+    return walk.dict_layers(params, parts.model_state if isinstance(parts.model_state, Mapping) else None)
+
+
+def channels_first(found: list[walk.Layer]) -> bool:
+    return any(l.row is not None and l.row.channels_first for l in found)
+
+
+def move_channels(x: Any, source_first: bool, target_first: bool) -> Any:
+    if source_first == target_first or np.ndim(x) < 3:
+        return x
+    return jnp.moveaxis(x, -1, 1) if target_first else jnp.moveaxis(x, 1, -1)
+
+
+# ------------------------------------------------------------------ intermediates
+
+
+def _linen_outputs(model: Any, call: Callable, x: Any) -> tuple[Any, dict[str, Any]]:
+    seen: dict[str, Any] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        m = context.module
+        if context.method_name == "__call__" and layouts.layout_of(m) is not None:
+            seen.setdefault("/".join(m.path), out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        return call(model, x), seen
+
+
+def _nnx_outputs(model: Any, call: Callable, x: Any) -> tuple[Any, dict[str, Any]]:
+    model = nnx.merge(*nnx.split(model))  # a copy: a call may update its statistics
+    paths = {id(m): "/".join(map(str, parts)) for parts, m in walk.nnx_modules(model)}
+    seen: dict[str, Any] = {}
+    patched = {}
+    for row in layouts.LAYOUTS:
+        if row.form == "nnx" and row.cls is not None and row.cls not in patched:
+            patched[row.cls] = row.cls.__call__
+
+            def wrapped(self, *args, _original=row.cls.__call__, **kwargs):
+                out = _original(self, *args, **kwargs)
+                if id(self) in paths:
+                    seen.setdefault(paths[id(self)], out)
+                return out
+
+            row.cls.__call__ = wrapped
+    try:
+        return call(model, x), seen
+    finally:
+        for cls, original in patched.items():
+            cls.__call__ = original
+
+
+def outputs(model: Any, call: Callable, x: Any) -> tuple[Any, dict[str, Any]]:
+    """The model's output on ``x`` and, where the form shows them, each layer's output by path."""
+    if is_bound_linen(model):
+        return _linen_outputs(model, call, x)
+    if isinstance(model, nnx.Module):
+        return _nnx_outputs(model, call, x)
+    return call(model, x), {}
+
+
+def _relative(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-12)) if a.size else 0.0
+
+
+def compare_outputs(plan: Any, source: tuple, target: tuple, layouts_first: tuple[bool, bool], tolerance: float) -> float:
+    """Refuse outputs further apart than ``tolerance`` (relative to the source's largest); their distance."""
+    (y_source, inner_source), (y_target, inner_target) = source, target
+    moved = jax.tree_util.tree_map(lambda y: move_channels(y, layouts_first[1], layouts_first[0]), y_target)
+    try:
+        diffs = jax.tree_util.tree_map(_relative, y_source, moved)
+    except ValueError:
+        raise ConversionError(f"the outputs differ in structure: {jax.tree_util.tree_structure(y_source)} and "
+                              f"{jax.tree_util.tree_structure(moved)}") from None
+    worst = max(jax.tree_util.tree_leaves(diffs), default=0.0)
+    if worst <= tolerance:
+        return worst
+    where = ""
+    for pair in plan.pairs:
+        a, b = inner_source.get(pair.source.path), inner_target.get(pair.target.path)
+        if a is not None and b is not None:
+            d = _relative(a, move_channels(b, layouts_first[1], layouts_first[0]))
+            if d > tolerance:
+                where = f"; the first layer whose output differs: {pair.source.path} -> {pair.target.path} (by {d:.3g})"
+                break
+    raise ConversionError(f"the converted model computes another function: outputs differ by {worst:.3g} (relative; tolerance "
+                          f"{tolerance:g}){where}")
+
+
+# ----------------------------------------------------------------- check_layers
+
+
+def check_layers(source: Any, target: Any, *, source_names: Mapping[str, str] | None = None,
+                 names: Mapping[str, str] | None = None) -> None:
+    """Refuse two models whose layers at the same functional path would compute different things.
+
+    Only where both sides are modules (Equinox or NNX, alone, in a pair or a TrainState) are
+    their settings known: ``eps``/``epsilon``, BatchNorm's ``momentum``, a convolution's strides,
+    padding (as the (low, high) pairs lax receives), dilations, groups, LayerNorm's axes.
+
+    Raises:
+        ConversionError: naming the layer, the setting and both values.
+
+    Example:
+        >>> import jax, equinox as eqx
+        >>> from flax import nnx
+        >>> try:
+        ...     check_layers(eqx.nn.LayerNorm(4), nnx.LayerNorm(4, rngs=nnx.Rngs(0)))
+        ... except ConversionError as err:
+        ...     print(err)
+        the model: epsilon is 1e-05 in the source (eqx.nn.LayerNorm (1-D shape: features last)) and 1e-06 in the target (nnx.LayerNorm): they would compute different outputs; build the target with epsilon=1e-05
+    """
+
+    def by_path(obj: Any, option: Mapping[str, str] | None) -> dict:
+        if form_of(obj) not in ("equinox", "nnx"):
+            return {}
+        found = side_layers(obj)
+        paths = {l.path: l.default for l in found}
+        leaves.check_names("names", dict(option or {}), paths)
+        return {leaves.renamed(l.path, l.default, paths, dict(option or {})): l for l in found}
+
+    theirs, ours = by_path(source, source_names), by_path(target, names)
+    for path in sorted(set(theirs) & set(ours)):
+        a, b = theirs[path], ours[path]
+        where = "/".join(path) or "the model"
+        if a.kind != b.kind:
+            raise ConversionError(f"{where}: a {a.kind} in the source ({a.row.layer}) but a {b.kind} in the target ({b.row.layer})")
+        compare_settings(where, a, b)

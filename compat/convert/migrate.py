@@ -1,0 +1,205 @@
+"""``migrate(source, like)``: any model, any two forms, in one call — matched, checked, moved, verified.
+
+1. Walk both sides into layers (:mod:`.layers`); 2. match them (:mod:`.plan`); 3. compare every
+pair's settings and, with ``example=``, both models' outputs (:mod:`.checks`); 4. move the values
+through each side's layout rules, optimiser state and BatchNorm statistics with the params
+(:mod:`.containers`). A Dense after a flatten of a feature map, where one side flattens channels
+first and the other last, gets its rows in the order that reproduces the outputs on ``example=``,
+or ``flatten=``'s; without either it is refused, never guessed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pureflax.compat.convert import checks, containers
+from pureflax.compat.convert.api import from_functional, to_functional, variables_from_functional, variables_to_functional
+from pureflax.compat.convert.containers import Options
+from pureflax.compat.convert.layers import Layer
+from pureflax.compat.convert.plan import Pair, Plan, match, refuse_unconfirmed
+from pureflax.compat.convert.trees import ConversionError, has_leaves
+
+Calls = tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]
+_SETTINGS_MATTER = ("Conv", "ConvTranspose", "LayerNorm", "GroupNorm", "BatchNorm", "Conv|ConvTranspose", "LayerNorm|GroupNorm")
+
+
+def _conv_before(found: list[Layer], layer: Layer) -> Layer | None:
+    before = [l for l in found if l.order < layer.order and any(len(s) >= 3 for n, s in l.shapes if n == "kernel")]
+    return max(before, key=lambda l: l.order) if before else None
+
+
+def _unsettled(plan: Plan, sources: list[Layer], targets: list[Layer]) -> list[tuple[Pair, int, bool]]:
+    """Dense pairs after a flatten of C channels that one side orders C first: (pair, C, the source is that side)."""
+    out = []
+    for pair in plan.pairs:
+        if pair.how in ("name", "names=") or pair.source.kind != "Dense":
+            continue  # a pair whose names agree was written to one layout, as pureflax's own models are
+        convs = _conv_before(sources, pair.source), _conv_before(targets, pair.target)
+        if None in convs:
+            continue
+        rows, channels = dict(pair.source.shapes)["kernel"][0], dict(convs[0].shapes)["kernel"][-1]
+        firsts = [c.row is not None and c.row.channels_first for c in convs]
+        if rows != channels and rows % channels == 0 and firsts[0] != firsts[1]:
+            out.append((pair, channels, firsts[0]))
+    return out
+
+
+def _candidates(rows: int, channels: int) -> list[tuple[int, int, int]]:
+    """(H, W, C) with H·W·C = rows, square first."""
+    hw = rows // channels
+    found = [(h, hw // h, channels) for h in range(1, hw + 1) if hw % h == 0]
+    return sorted(found, key=lambda c: abs(c[0] - c[1]))
+
+
+def _options(plan: Plan, flattens: Mapping[str, tuple[tuple, bool]]) -> tuple[Options, Options]:
+    """The source's and the target's options for the move: the target named after the source, the flattens."""
+    by_target = {p.target.path: p for p in plan.pairs}
+    source_flatten = {"/".join(by_target[t].source.default): hwc for t, (hwc, first) in flattens.items() if first}
+    target_flatten = {"/".join(by_target[t].source.default): hwc for t, (hwc, first) in flattens.items() if not first}
+    return Options(None, source_flatten or None), Options(plan.names(), target_flatten or None)
+
+
+def _user_flatten(plan: Plan, flatten: Mapping[str, Any], unsettled: list) -> dict[str, tuple[tuple, bool]]:
+    known = {}
+    for pair, _, first in unsettled:
+        for path in (pair.target.path, pair.source.path):
+            if path in flatten:
+                known[pair.target.path] = (tuple(flatten[path]), first)
+    extra = set(flatten) - {p for pair, _, _ in unsettled for p in (pair.target.path, pair.source.path)}
+    if extra:
+        raise ConversionError(f"flatten: {sorted(extra)} name no Dense layer that follows a flatten whose order the two "
+                              f"forms disagree on; those are: {[pair.target.path for pair, _, _ in unsettled] or 'none'}")
+    return known
+
+
+def plan(source: Any, like: Any, *, example: Any = None, call: Calls | None = None, names: Mapping[str, str] | None = None,
+         flatten: Mapping[str, Any] | None = None) -> Plan:
+    """The match :func:`migrate` would make: ``print(plan(...))`` shows it, layer by layer.
+
+    Arguments as for :func:`migrate`; settings are compared (a difference raises), outputs are not.
+    """
+    return _prepare(source, like, example, call, names)[0]
+
+
+def _prepare(source: Any, like: Any, example: Any, call: Calls | None, names: Mapping[str, str] | None):
+    calls = call or (checks.default_call, checks.default_call)
+    sources = checks.side_layers(source, example, calls[0])
+    source_first = checks.channels_first(sources)
+    targets = checks.side_layers(like)  # Equinox and NNX: walked as defined
+    if checks.form_of(like) == "linen" and example is not None:
+        targets = checks.side_layers(like, checks.move_channels(example, source_first, False), calls[1])
+    result = match(sources, targets, names, checks.form_of(source), checks.form_of(like))
+    pairs = tuple(p._replace(checked=checks.compare_settings(p.target.path or "the model", p.source, p.target)) for p in result.pairs)
+    return result._replace(pairs=pairs), sources, targets, calls, source_first, checks.channels_first(targets)
+
+
+def migrate(source: Any, like: Any, *, example: Any = None, call: Calls | None = None, names: Mapping[str, str] | None = None,
+            flatten: Mapping[str, Any] | None = None, tolerance: float = 1e-4) -> Any:
+    """``source`` in ``like``'s form: layers matched by structure, settings compared, outputs verified on ``example``.
+
+    Args:
+        source: a model in any form: functional params or a ``pureflax.TrainState``; Linen variables,
+            a bound Linen module (``module.bind(variables)``) or a Flax ``TrainState``; an NNX module
+            or ``(model, nnx.Optimizer)``; an Equinox module, ``(model, eqx.nn.State)`` or ``(model, opt_state)``.
+        like: the form wanted, in any of those containers; its arrays may be abstract (``eqx.filter_eval_shape``).
+        example: a batch as the source takes it. Both models then run after the conversion (its
+            channels moved for a form whose convolutions take them first) and must agree within
+            ``tolerance``; it also settles a flatten order and confirms a match by shape.
+        call: ``(source_fn, like_fn)``, each ``fn(model, batch)``, where a plain call does not fit
+            (``train=False``, a state argument); Equinox's default is ``jax.vmap(model)(batch)``.
+        names: ``{target layer path: source layer path}`` pinning pairs the match cannot settle.
+        flatten: ``{Dense path (either side): (H, W, C)}`` of the feature map flattened before it,
+            where one side flattens channels first and the other last.
+        tolerance: the largest output difference accepted, relative to the source's largest output.
+
+    Returns:
+        A new object of ``like``'s form holding ``source``'s values, optimiser state and model state included.
+
+    Raises:
+        ConversionError: an impossible or unconfirmed match, a setting that differs, a flatten
+            order that cannot be known, outputs that differ (naming the first layer that does).
+    """
+    found, sources, targets, calls, source_first, target_first = _prepare(source, like, example, call, names)
+    unsettled = _unsettled(found, sources, targets)
+    known = _user_flatten(found, dict(flatten or {}), unsettled)
+    open_pairs = [(pair, channels, first) for pair, channels, first in unsettled if pair.target.path not in known]
+    if example is None:
+        refuse_unconfirmed(found, "")
+        if open_pairs:
+            pair = open_pairs[0][0]
+            raise ConversionError(
+                f"{pair.source.path} -> {pair.target.path}: a Dense after a flatten of a feature map, which one form orders "
+                f"channels first and the other last: pass example= (a batch as the source takes it) to settle it by the "
+                f"outputs, or flatten={{{pair.target.path!r}: (H, W, C)}}")
+        unseen = [p for p in found.pairs if p.how not in ("name", "names=") and p.source.kind in _SETTINGS_MATTER
+                  and p.checked in ("not visible", "-")]
+        if unseen:
+            raise ConversionError(
+                f"{unseen[0].source.path} -> {unseen[0].target.path}: the {found.source_form if unseen[0].source.settings is None else found.target_form} "
+                "side's layer settings (padding, strides, momentum) cannot be seen: pass example= so both models' outputs are "
+                "compared (a Linen source as a bound module, module.bind(variables), shows its settings then too)")
+    if _trains(like) and not _trains(source):
+        raise ConversionError("like is a train state but the source holds no optimiser state: pass the model alone as like")
+    if _trains(source) and not _trains(like):
+        raise ConversionError("the source holds an optimiser state that like has no place for: pass a train state as like "
+                              "(for Equinox, (model, opt_state)), or the source's model alone")
+    choices = [[(c, first) for c in checks_candidates(pair, channels)] for pair, channels, first in open_pairs]
+    error = None
+    for combo in itertools.islice(itertools.product(*choices), 64):
+        flattens = dict(known) | {pair.target.path: choice for (pair, _, _), choice in zip(open_pairs, combo)}
+        moved = _move(source, like, found, flattens)
+        if example is None:
+            return moved
+        try:
+            _verify(found, source, moved, example, calls, (source_first, target_first), tolerance)
+            return moved
+        except ConversionError as err:
+            error = error or err
+    raise error
+
+
+def checks_candidates(pair: Pair, channels: int) -> list[tuple[int, int, int]]:
+    return _candidates(dict(pair.source.shapes)["kernel"][0], channels)
+
+
+def _trains(obj: Any) -> bool:
+    return containers.container_of(obj).trains
+
+
+def _move(source: Any, like: Any, found: Plan, flattens: Mapping[str, tuple[tuple, bool]]) -> Any:
+    source_options, target_options = _options(found, flattens)
+    _, tree = containers.split(source, source_options)
+    return containers.container_of(like).rebuild(like, tree, target_options)
+
+
+def _verify(found: Plan, source: Any, moved: Any, example: Any, calls: Calls, firsts: tuple[bool, bool], tolerance: float) -> float:
+    a, b = checks.runnable(source), checks.runnable(moved)
+    if a is None or b is None:
+        side = "source" if a is None else "target"
+        raise ConversionError(f"example=: the {side} is plain arrays and cannot be run: pass a module (Linen: module.bind(variables))")
+    y_source = checks.outputs(a, calls[0], example)
+    y_target = checks.outputs(b, calls[1], checks.move_channels(example, firsts[0], firsts[1]))
+    return checks.compare_outputs(found, y_source, y_target, firsts, tolerance)
+
+
+def transfer(source: Any, like: Any, *, source_names: Mapping[str, str] | None = None, names: Mapping[str, str] | None = None,
+             source_flatten: Mapping[str, Any] | None = None, flatten: Mapping[str, Any] | None = None) -> Any:
+    """``source`` in ``like``'s form through the functional paths each side's ``names`` give (no matching).
+
+    ``source_names``/``source_flatten`` are for the source's form, ``names``/``flatten`` for ``like``'s;
+    the layers' settings are checked (:func:`checks.check_layers`).
+    """
+    checks.check_layers(source, like, source_names=source_names, names=names)
+    row = containers.container_of(like)
+    if not row.trains and row.name not in ("params",) and (row.name != "an NNX module" or has_leaves(_batch_stats(like))):
+        params, model_state = variables_to_functional(source, names=source_names, flatten=source_flatten)
+        return variables_from_functional(params, model_state, like, names=names, flatten=flatten)
+    return from_functional(to_functional(source, names=source_names, flatten=source_flatten), like, names=names, flatten=flatten)
+
+
+def _batch_stats(module: Any) -> Any:
+    from flax import nnx
+
+    return nnx.state(module, nnx.BatchStat)
