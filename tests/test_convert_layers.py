@@ -217,9 +217,20 @@ def test_equinox_own_batch_norm_carries_params_and_running_stats(batch_norm, mod
     y = eqx.filter_jit(lambda m, s, x: eqx_layers.vmap_stateful(lambda x, s: m(x, s, inference=True))(x, s)[0])(
         model, eqx_state, channels_first(X_BN))
     assert_close(channels_last(y), y_eval)
-    fresh = convert.state_to_functional(like[1], like[0])  # never trained: Flax's initial statistics
-    np.testing.assert_array_equal(fresh["mean"], np.zeros(2))
-    np.testing.assert_array_equal(fresh["var"], np.ones(2))
+    if mode == "batch":  # never trained: its inference divides the initial (0, 1) by 1, Flax's initial statistics
+        fresh = convert.state_to_functional(like[1], like[0])
+        np.testing.assert_array_equal(fresh["mean"], np.zeros(2))
+        np.testing.assert_array_equal(fresh["var"], np.ones(2))
+        return
+    # 'ema' mode never trained: its first step overwrites the buffers, so they are no statistics yet
+    with pytest.raises(ConversionError, match="first-time"):
+        convert.state_to_functional(like[1], like[0])
+    # statistics filled by hand but the flag left set: refused too, never exported as (0, 1)
+    hand = like[1].set(like[0].ema_state_index, (jnp.full(2, 3.0), jnp.full(2, 2.0)))
+    with pytest.raises(ConversionError, match="ema_first_time_index"):
+        convert.state_to_functional(hand, like[0])
+    settled = hand.set(like[0].ema_first_time_index, jnp.array(False))
+    np.testing.assert_array_equal(convert.state_to_functional(settled, like[0])["mean"], np.full(2, 3.0))
 
 
 # ------------------------------------------------- 3. eqx.nn.BatchNorm against Flax's rule

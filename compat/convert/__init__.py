@@ -38,7 +38,7 @@ Example:
 from pureflax.compat.convert.api import from_functional, to_functional, variables_from_functional, variables_to_functional
 from pureflax.compat.convert.checks import check_layers
 from pureflax.compat.convert.layouts import LAYOUTS, Layout, Rule, layouts_table, register_layer
-from pureflax.compat.convert.migrate import migrate, plan, transfer
+from pureflax.compat.convert.engine import migrate, plan, transfer
 from pureflax.compat.convert.params import (
     opt_state_from_functional, opt_state_to_functional, param_names, params_from_functional, params_to_functional,
 )

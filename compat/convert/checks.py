@@ -27,6 +27,9 @@ _SAME_WITH_STRIDE = ("'SAME' with a stride pads by the input size ((0, 1) on an 
                      "kernel at stride 2), so they may compute different outputs: give both layers the same padding")
 
 
+_SHORT = {"kernel_dilation": "dilation", "input_dilation": "input dilation", "feature_group_count": "groups"}
+
+
 def compare_settings(where: str, source: walk.Layer, target: walk.Layer) -> str:
     """Refuse two layers whose settings differ; the settings compared, as the plan prints them."""
     a, b = source.settings, target.settings
@@ -39,7 +42,8 @@ def compare_settings(where: str, source: walk.Layer, target: walk.Layer) -> str:
                    else f"they would compute different outputs; build the target with {key}={a[key]!r}")
             raise ConversionError(f"{where}: {key} is {a[key]!r} in the source ({row_a.layer}) and {b[key]!r} in the "
                                   f"target ({row_b.layer}): {fix}")
-    return ", ".join(f"{key} =" for key in a if key in b) or "-"
+    same = [_SHORT.get(key, key) for key in a if key in b]
+    return f"{', '.join(same)} equal" if same else "-"
 
 
 # ------------------------------------------------------------------- the sides

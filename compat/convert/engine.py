@@ -25,9 +25,17 @@ Calls = tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]
 _SETTINGS_MATTER = ("Conv", "ConvTranspose", "LayerNorm", "GroupNorm", "BatchNorm", "Conv|ConvTranspose", "LayerNorm|GroupNorm")
 
 
-def _conv_before(found: list[Layer], layer: Layer) -> Layer | None:
-    before = [l for l in found if l.order < layer.order and any(len(s) >= 3 for n, s in l.shapes if n == "kernel")]
-    return max(before, key=lambda l: l.order) if before else None
+def _channels_before(found: list[Layer], layer: Layer) -> tuple[int, bool] | None:
+    """The channels of the feature map the layer just before ``layer`` gives, and whether it orders them first."""
+    before = [l for l in found if l.order < layer.order]
+    if not before:
+        return None
+    last = max(before, key=lambda l: l.order)
+    shapes = dict(last.shapes)
+    if last.kind in ("Dense", "Embed") or ("kernel" not in shapes and "scale" not in shapes and "bias" not in shapes):
+        return None
+    channels = shapes["kernel"][-1] if "kernel" in shapes else (shapes.get("scale") or shapes["bias"])[0]
+    return channels, last.row is not None and last.row.channels_first
 
 
 def _unsettled(plan: Plan, sources: list[Layer], targets: list[Layer]) -> list[tuple[Pair, int, bool]]:
@@ -36,13 +44,12 @@ def _unsettled(plan: Plan, sources: list[Layer], targets: list[Layer]) -> list[t
     for pair in plan.pairs:
         if pair.how in ("name", "names=") or pair.source.kind != "Dense":
             continue  # a pair whose names agree was written to one layout, as pureflax's own models are
-        convs = _conv_before(sources, pair.source), _conv_before(targets, pair.target)
-        if None in convs:
+        before = _channels_before(sources, pair.source), _channels_before(targets, pair.target)
+        if None in before:
             continue
-        rows, channels = dict(pair.source.shapes)["kernel"][0], dict(convs[0].shapes)["kernel"][-1]
-        firsts = [c.row is not None and c.row.channels_first for c in convs]
-        if rows != channels and rows % channels == 0 and firsts[0] != firsts[1]:
-            out.append((pair, channels, firsts[0]))
+        rows, (channels, source_first), (_, target_first) = dict(pair.source.shapes)["kernel"][0], before[0], before[1]
+        if rows != channels and rows % channels == 0 and source_first != target_first:
+            out.append((pair, channels, source_first))
     return out
 
 
