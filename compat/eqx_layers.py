@@ -36,23 +36,29 @@ class BatchNorm(eqx.Module):
     weight: Array | None
     bias: Array | None
     state_index: eqx.nn.StateIndex
+    inference: bool  # what eqx.nn.inference_mode sets; a call's inference= overrides it
     num_features: int = eqx.field(static=True)
     momentum: float = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     axis_name: str = eqx.field(static=True)
 
     def __init__(self, num_features: int, *, momentum: float = 0.99, eps: float = 1e-5,
-                 channelwise_affine: bool = True, axis_name: str = "batch", dtype=jnp.float32):
+                 channelwise_affine: bool = True, axis_name: str = "batch", inference: bool = False, dtype=jnp.float32):
         if not 0 <= momentum <= 1:
             raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {momentum!r}")
         self.weight = jnp.ones((num_features,), dtype) if channelwise_affine else None
         self.bias = jnp.zeros((num_features,), dtype) if channelwise_affine else None
         self.state_index = eqx.nn.StateIndex((jnp.zeros((num_features,), jnp.float32), jnp.ones((num_features,), jnp.float32)))
         self.num_features, self.momentum, self.eps, self.axis_name = num_features, momentum, eps, axis_name
+        self.inference = inference
 
-    def __call__(self, x: Array, state: eqx.nn.State, *, inference: bool = False, key=None) -> tuple[Array, eqx.nn.State]:
-        """``x``: (channels, *spatial) of one example. Returns the normalised ``x`` and the new state."""
+    def __call__(self, x: Array, state: eqx.nn.State, *, inference: bool | None = None, key=None) -> tuple[Array, eqx.nn.State]:
+        """``x``: (channels, *spatial) of one example. Returns the normalised ``x`` and the new state.
+
+        ``inference=None`` takes the layer's own ``inference`` field (``eqx.nn.inference_mode`` sets it).
+        """
         del key
+        inference = self.inference if inference is None else inference
         if x.shape[0] != self.num_features:
             raise ValueError(f"BatchNorm: x has {x.shape[0]} channels (shape {x.shape}) but the layer has {self.num_features}")
         spatial = tuple(range(1, x.ndim))

@@ -584,3 +584,14 @@ def test_an_old_style_train_state_without_model_state_still_converts(cnn):
 def test_docs_layers_page_shows_the_table_the_converters_read():
     page = (Path(__file__).resolve().parents[1] / "docs" / "layers.md").read_text()
     assert convert.layouts_table() in page
+
+
+def test_pureflax_batch_norm_follows_equinox_inference_mode():
+    norm, state = eqx.nn.make_with_state(eqx_layers.BatchNorm)(2)
+    state = state.set(norm.state_index, (jnp.array([1.0, -1.0]), jnp.array([4.0, 0.25])))
+    x = jnp.stack([jnp.full((2, 1, 1), 3.0), jnp.full((2, 1, 1), 5.0)])  # (batch 2, channels 2, 1 pixel)
+    run = lambda m: eqx_layers.vmap_stateful(m)(x, state)[0][:, :, 0, 0]  # noqa: E731
+    want = (x[:, :, 0, 0] - jnp.array([[1.0, -1.0]])) / jnp.sqrt(jnp.array([[4.0, 0.25]]) + 1e-5)
+    assert_close(run(eqx.nn.inference_mode(norm)), want)  # the running statistics
+    assert_close(run(norm), jnp.array([[-1.0, -1.0], [1.0, 1.0]]))  # training: the batch's
+    assert_close(run(eqx.nn.inference_mode(norm, False)), run(norm))

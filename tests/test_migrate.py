@@ -202,3 +202,15 @@ def test_a_model_zoos_batch_norm_converts_after_one_register_layer_line():
         assert "ZooBatchNorm" in convert.layouts_table()
     finally:
         convert.LAYOUTS.remove(row)
+
+
+def test_outputs_that_differ_are_refused_naming_the_first_layer_that_does(linen_cnn):
+    class MaxPooled(NNXCNN):  # the tutorial's CNN with max pooling: same layers, same settings, another function
+        def __call__(self, x):
+            x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
+            x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), strides=(2, 2))
+            return self.linear2(nnx.relu(self.linear1(x.reshape(x.shape[0], -1))))
+
+    bound, _ = linen_cnn
+    with pytest.raises(ConversionError, match=r"computes another function: .* first layer whose output differs: Conv_1 -> conv2"):
+        migrate(bound, MaxPooled(rngs=nnx.Rngs(0)), example=IMAGES)
