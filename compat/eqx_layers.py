@@ -36,14 +36,14 @@ class BatchNorm(eqx.Module):
     weight: Array | None
     bias: Array | None
     state_index: eqx.nn.StateIndex
-    inference: bool  # what eqx.nn.inference_mode sets; a call's inference= overrides it
+    inference: bool | None  # None (no leaf, so jax.grad sees arrays only): training; eqx.nn.inference_mode sets it
     num_features: int = eqx.field(static=True)
     momentum: float = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     axis_name: str = eqx.field(static=True)
 
     def __init__(self, num_features: int, *, momentum: float = 0.99, eps: float = 1e-5,
-                 channelwise_affine: bool = True, axis_name: str = "batch", inference: bool = False, dtype=jnp.float32):
+                 channelwise_affine: bool = True, axis_name: str = "batch", inference: bool | None = None, dtype=jnp.float32):
         if not 0 <= momentum <= 1:
             raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {momentum!r}")
         self.weight = jnp.ones((num_features,), dtype) if channelwise_affine else None
@@ -58,7 +58,7 @@ class BatchNorm(eqx.Module):
         ``inference=None`` takes the layer's own ``inference`` field (``eqx.nn.inference_mode`` sets it).
         """
         del key
-        inference = self.inference if inference is None else inference
+        inference = bool(self.inference) if inference is None else inference
         if x.shape[0] != self.num_features:
             raise ValueError(f"BatchNorm: x has {x.shape[0]} channels (shape {x.shape}) but the layer has {self.num_features}")
         spatial = tuple(range(1, x.ndim))

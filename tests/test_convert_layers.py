@@ -226,7 +226,7 @@ def test_equinox_own_batch_norm_carries_params_and_running_stats(batch_norm, mod
     with pytest.raises(ConversionError, match="first-time"):
         convert.state_to_functional(like[1], like[0])
     # statistics filled by hand but the flag left set: refused too, never exported as (0, 1)
-    hand = like[1].set(like[0].ema_state_index, (jnp.full(2, 3.0), jnp.full(2, 2.0)))
+    hand = like[1].set(like[0].ema_state_index, (jnp.full(2, 3.0, jnp.float32), jnp.full(2, 2.0, jnp.float32)))
     with pytest.raises(ConversionError, match="ema_first_time_index"):
         convert.state_to_functional(hand, like[0])
     settled = hand.set(like[0].ema_first_time_index, jnp.array(False))

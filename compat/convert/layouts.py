@@ -165,8 +165,8 @@ def register_layer(cls: type, kind: str, params: Mapping[str, str | tuple[str, s
         ...     gamma: jnp.ndarray
         ...     beta: jnp.ndarray
         >>> row = register_layer(Scale, "LayerNorm", {"gamma": "scale", "beta": "bias"})
-        >>> row.layer, [(a, b) for a, b, _ in row.params]
-        ('Scale', [('gamma', 'scale'), ('beta', 'bias')])
+        >>> row.kind, row.form, [(a, b) for a, b, _ in row.params]
+        ('LayerNorm', 'equinox', [('gamma', 'scale'), ('beta', 'bias')])
         >>> LAYOUTS.remove(row)
     """
     if kind not in KINDS:
@@ -183,10 +183,9 @@ def register_layer(cls: type, kind: str, params: Mapping[str, str | tuple[str, s
     stats = tuple((statistics or {}).items())
     where = (f"eqx.nn.State at {state_index}: ({', '.join(a for a, _ in stats)})" if state_index
              else ", ".join(a for a, _ in stats))
-    row = Layout(kind, form, f"{cls.__module__}.{cls.__qualname__}".removeprefix("__main__."), tuple(rows), where, cls=cls,
-                 settings=settings, statistics=stats, state_index=state_index, channels_first=channels_first)
-    if row.layer.startswith(("pureflax.", "builtins.")) or "<locals>" in row.layer:
-        row = row._replace(layer=cls.__qualname__)
+    layer = cls.__qualname__ if cls.__module__ in ("__main__", "builtins") else f"{cls.__module__}.{cls.__qualname__}"
+    row = Layout(kind, form, layer, tuple(rows), where, cls=cls, settings=settings, statistics=stats,
+                 state_index=state_index, channels_first=channels_first)
     LAYOUTS.insert(0, row)  # before the rows of any class it derives from
     return row
 

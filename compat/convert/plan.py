@@ -44,7 +44,7 @@ class Plan(NamedTuple):
 
     def names(self) -> dict[str, str]:
         """``{target layer path: the source's functional path}``: the target's ``names=`` for the move."""
-        return {p.target.path: "/".join(p.source.default) for p in self.pairs}
+        return {p.target.path: "/".join(p.source.default) for p in self.pairs if p.target.path}  # '': the model is one layer
 
 
 def _moves(p: Pair) -> str:
