@@ -23,6 +23,7 @@ def test_wheel_contains_and_imports_compat(tmp_path):
     (wheel,) = tmp_path.glob("pureflax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "pureflax/compat/__init__.py" in names and "pureflax/nn.py" in names
+    assert "pureflax/compat/convert/__init__.py" in names  # the subpackage too
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = "import pureflax, pureflax.compat, pureflax.vae; print(pureflax.__file__); print(pureflax.compat.__file__)"
@@ -34,3 +35,9 @@ def test_wheel_contains_and_imports_compat(tmp_path):
     assert run.returncode == 0, run.stderr
     for line in run.stdout.split():
         assert line.startswith(str(site)), run.stdout
+
+
+def test_no_compat_file_is_over_400_lines():
+    root = Path(__file__).resolve().parents[1] / "compat"
+    long = {str(p.relative_to(root)): n for p in root.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"split these into files of one concept each: {long}"
