@@ -214,3 +214,16 @@ def test_outputs_that_differ_are_refused_naming_the_first_layer_that_does(linen_
     bound, _ = linen_cnn
     with pytest.raises(ConversionError, match=r"computes another function: .* first layer whose output differs: Conv_1 -> conv2"):
         migrate(bound, MaxPooled(rngs=nnx.Rngs(0)), example=IMAGES)
+
+
+def test_bad_arguments_are_refused_naming_the_culprit(linen_cnn):
+    bound, _ = linen_cnn
+    like = nnx.eval_shape(lambda: NNXCNN(rngs=nnx.Rngs(0)))
+    with pytest.raises(ConversionError, match=r"names: 'linear9' is not a layer of the target; its layers: \['conv1'"):
+        migrate(bound, like, example=IMAGES, names={"linear9": "Dense_0"})
+    with pytest.raises(ConversionError, match=r"flatten: \['conv1'\] name no Dense layer"):
+        migrate(bound, eqx.filter_eval_shape(EqxCNN, KEY), example=IMAGES, flatten={"conv1": (7, 7, 64)})
+    with pytest.raises(ConversionError, match=r"kind 'Norm' is not one of"):
+        register_layer(ZooBatchNorm, "Norm", {"gamma": "scale"})
+    with pytest.raises(ConversionError, match=r"rule 'flipped' is not one of"):
+        register_layer(ZooBatchNorm, "BatchNorm", {"gamma": ("scale", "flipped")})

@@ -206,7 +206,7 @@ def state_to_functional(model_state: Any, model: Any = None, *, names: Mapping[s
             raise ConversionError("an eqx.nn.State converts with the Equinox module that indexes it: pass model=")
         return eqx_to_functional(model_state, model, names)
     if model_state is None and isinstance(model, eqx.Module):
-        return {key: value for key, value in eqx_to_functional(None, model, names).items()}
+        return eqx_to_functional(None, model, names)
     if model_state is None and isinstance(model, nnx.Module):
         model_state = nnx.state(model, nnx.BatchStat)
     if isinstance(model_state, nnx.State):
