@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from pureflax.compat.convert import layers as walk, layouts, leaves
-from pureflax.compat.convert.containers import FlaxTrainState, is_bound_linen, is_eqx_pair, is_nnx_pair
+from pureflax.compat.convert.containers import FlaxTrainState, container_of, is_bound_linen, is_eqx_pair, is_nnx_pair
 from pureflax.compat.convert.trees import ConversionError
 from pureflax.state import TrainState
 
@@ -104,9 +104,7 @@ def side_layers(obj: Any, example: Any = None, call: Callable | None = None) -> 
             return walk.dict_layers(module.variables.get("params", {}), module.variables.get("batch_stats"))
         unbound, variables = module.unbind()
         return walk.linen_layers(unbound, variables, lambda m: (call or default_call)(m, example))
-    from pureflax.compat.convert import containers
-
-    parts = containers.container_of(obj).split(obj)
+    parts = container_of(obj).split(obj)
     params = parts.params.get("params", parts.params) if isinstance(parts.params, Mapping) else parts.params
     return walk.dict_layers(params, parts.model_state if isinstance(parts.model_state, Mapping) else None)
 

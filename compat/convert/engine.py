@@ -14,6 +14,8 @@ import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from flax import nnx
+
 from pureflax.compat.convert import checks, containers
 from pureflax.compat.convert.api import from_functional, to_functional, variables_from_functional, variables_to_functional
 from pureflax.compat.convert.containers import Options
@@ -152,7 +154,7 @@ def migrate(source: Any, like: Any, *, example: Any = None, call: Calls | None =
     if _trains(source) and not _trains(like):
         raise ConversionError("the source holds an optimiser state that like has no place for: pass a train state as like "
                               "(for Equinox, (model, opt_state)), or the source's model alone")
-    choices = [[(c, first) for c in checks_candidates(pair, channels)] for pair, channels, first in open_pairs]
+    choices = [[(c, first) for c in _flatten_candidates(pair, channels)] for pair, channels, first in open_pairs]
     error = None
     for combo in itertools.islice(itertools.product(*choices), 64):
         flattens = dict(known) | {pair.target.path: choice for (pair, _, _), choice in zip(open_pairs, combo)}
@@ -167,7 +169,7 @@ def migrate(source: Any, like: Any, *, example: Any = None, call: Calls | None =
     raise error
 
 
-def checks_candidates(pair: Pair, channels: int) -> list[tuple[int, int, int]]:
+def _flatten_candidates(pair: Pair, channels: int) -> list[tuple[int, int, int]]:
     return _candidates(dict(pair.source.shapes)["kernel"][0], channels)
 
 
@@ -207,6 +209,4 @@ def transfer(source: Any, like: Any, *, source_names: Mapping[str, str] | None =
 
 
 def _batch_stats(module: Any) -> Any:
-    from flax import nnx
-
     return nnx.state(module, nnx.BatchStat)
