@@ -21,6 +21,8 @@ from typing import NamedTuple
 import pytest
 from tiny import ROOT, load_script
 
+from pureflax.compat.convert import LAYOUTS
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = sorted(DOCS.glob("*.md")) + [DOCS.parent / "README.md"]  # the README's examples run too
 SKIP_MARK = "<!-- not executed -->"
@@ -88,6 +90,14 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
     module = types.ModuleType(f"pureflax_docs_{page.stem.replace('-', '_')}")
     monkeypatch.setitem(sys.modules, module.__name__, module)
     namespace = module.__dict__
+    saved = list(LAYOUTS)  # a page may register_layer: the next test sees the table as it was
+    try:
+        _run_blocks(page, namespace)
+    finally:
+        LAYOUTS[:] = saved
+
+
+def _run_blocks(page, namespace):
     for block in python_blocks(page.read_text()):
         where = f"docs/{page.name} block {block.number} (line {block.line})"
         try:

@@ -227,3 +227,37 @@ def test_bad_arguments_are_refused_naming_the_culprit(linen_cnn):
         register_layer(ZooBatchNorm, "Norm", {"gamma": "scale"})
     with pytest.raises(ConversionError, match=r"rule 'flipped' is not one of"):
         register_layer(ZooBatchNorm, "BatchNorm", {"gamma": ("scale", "flipped")})
+
+
+def test_an_nnx_model_defined_out_of_call_order_is_matched_by_its_calls():
+    class Reversed(nnx.Module):  # defines the last layer first
+        def __init__(self, rngs):
+            self.head = nnx.Linear(16, 16, rngs=rngs)
+            self.body = nnx.Linear(16, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.body(x)))
+
+    class Chain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(16)(x))
+            return nn.Dense(16)(x)
+
+    x = jnp.asarray(np.random.default_rng(8).uniform(-1, 1, (3, 16)), jnp.float32)
+    variables = random_like(jax.eval_shape(lambda: Chain().init(KEY, x)), seed=9, scale=0.5)
+    moved = migrate(Chain().bind(variables), Reversed(nnx.Rngs(0)), example=x)  # shapes alike: only the calls tell
+    np.testing.assert_array_equal(moved.body.kernel[...], variables["params"]["Dense_0"]["kernel"])
+    assert relative(Chain().apply(variables, x), moved(x)) < 1e-6
+
+
+def test_an_equinox_model_shows_which_layer_first_differs(linen_cnn):
+    class MaxPooled(EqxCNN):  # the Equinox CNN with max pooling
+        def __call__(self, x):
+            x = eqx.nn.MaxPool2d(2, 2)(jax.nn.relu(self.layers[0](x)))
+            x = eqx.nn.MaxPool2d(2, 2)(jax.nn.relu(self.layers[3](x)))
+            return self.layers[9](jax.nn.relu(self.layers[7](jnp.ravel(x))))
+
+    bound, _ = linen_cnn
+    with pytest.raises(ConversionError, match=r"first layer whose output differs: Conv_1 -> layers/3"):
+        migrate(bound, MaxPooled(KEY), example=IMAGES, flatten={"layers/7": (7, 7, 64)})

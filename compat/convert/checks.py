@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pureflax.compat.convert import layers as walk, layouts, leaves
+from pureflax.compat.convert import layers as walk, leaves, trace
 from pureflax.compat.convert.containers import FlaxTrainState, container_of, is_bound_linen, is_eqx_pair, is_nnx_pair
 from pureflax.compat.convert.trees import ConversionError
 from pureflax.state import TrainState
@@ -93,12 +93,13 @@ def default_call(model: Any, x: Any) -> Any:
 
 
 def side_layers(obj: Any, example: Any = None, call: Callable | None = None) -> list[walk.Layer]:
-    """``obj``'s layers, in call order where it can be traced (Linen), else in definition order."""
+    """``obj``'s layers, in the order a call on ``example`` reaches them; without one, as defined."""
     module = module_of(obj)
-    if isinstance(module, eqx.Module):
-        return walk.eqx_layers(module)
-    if isinstance(module, nnx.Module):
-        return walk.nnx_layers(module)
+    if isinstance(module, (eqx.Module, nnx.Module)):
+        found = walk.eqx_layers(module) if isinstance(module, eqx.Module) else walk.nnx_layers(module)
+        if example is None:
+            return found
+        return in_call_order(found, trace.call_order(runnable(obj), call or default_call, example))
     if module is not None:
         if example is None:
             return walk.dict_layers(module.variables.get("params", {}), module.variables.get("batch_stats"))
@@ -122,50 +123,11 @@ def move_channels(x: Any, source_first: bool, target_first: bool) -> Any:
 # ------------------------------------------------------------------ intermediates
 
 
-def _linen_outputs(model: Any, call: Callable, x: Any) -> tuple[Any, dict[str, Any]]:
-    seen: dict[str, Any] = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        m = context.module
-        if context.method_name == "__call__" and layouts.layout_of(m) is not None:
-            seen.setdefault("/".join(m.path), out)
-        return out
-
-    with nn.intercept_methods(interceptor):
-        return call(model, x), seen
-
-
-def _nnx_outputs(model: Any, call: Callable, x: Any) -> tuple[Any, dict[str, Any]]:
-    model = nnx.merge(*nnx.split(model))  # a copy: a call may update its statistics
-    paths = {id(m): "/".join(map(str, parts)) for parts, m in walk.nnx_modules(model)}
-    seen: dict[str, Any] = {}
-    patched = {}
-    for row in layouts.LAYOUTS:
-        if row.form == "nnx" and row.cls is not None and row.cls not in patched:
-            patched[row.cls] = row.cls.__call__
-
-            def wrapped(self, *args, _original=row.cls.__call__, **kwargs):
-                out = _original(self, *args, **kwargs)
-                if id(self) in paths:
-                    seen.setdefault(paths[id(self)], out)
-                return out
-
-            row.cls.__call__ = wrapped
-    try:
-        return call(model, x), seen
-    finally:
-        for cls, original in patched.items():
-            cls.__call__ = original
-
-
-def outputs(model: Any, call: Callable, x: Any) -> tuple[Any, dict[str, Any]]:
-    """The model's output on ``x`` and, where the form shows them, each layer's output by path."""
-    if is_bound_linen(model):
-        return _linen_outputs(model, call, x)
-    if isinstance(model, nnx.Module):
-        return _nnx_outputs(model, call, x)
-    return call(model, x), {}
+def in_call_order(found: list[walk.Layer], order: list[str]) -> list[walk.Layer]:
+    """``found`` in the order a traced call reached them; layers it never reached after, as defined."""
+    rank = {path: i for i, path in enumerate(order)}
+    ranked = sorted(found, key=lambda l: (rank.get(l.path, len(rank)), l.order))
+    return [l._replace(order=i) for i, l in enumerate(ranked)]
 
 
 def _relative(a: Any, b: Any) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 
 from flax import nnx
 
-from pureflax.compat.convert import checks, containers
+from pureflax.compat.convert import checks, containers, trace
 from pureflax.compat.convert.api import from_functional, to_functional, variables_from_functional, variables_to_functional
 from pureflax.compat.convert.containers import Options
 from pureflax.compat.convert.layers import Layer
@@ -96,9 +96,10 @@ def _prepare(source: Any, like: Any, example: Any, call: Calls | None, names: Ma
     calls = call or (checks.default_call, checks.default_call)
     sources = checks.side_layers(source, example, calls[0])
     source_first = checks.channels_first(sources)
-    targets = checks.side_layers(like)  # Equinox and NNX: walked as defined
-    if checks.form_of(like) == "linen" and example is not None:
-        targets = checks.side_layers(like, checks.move_channels(example, source_first, False), calls[1])
+    targets = checks.side_layers(like)
+    if example is not None:  # traced on the example as the target takes it
+        like_example = checks.move_channels(example, source_first, checks.channels_first(targets))
+        targets = checks.side_layers(like, like_example, calls[1])
     result = match(sources, targets, names, checks.form_of(source), checks.form_of(like))
     pairs = tuple(p._replace(checked=checks.compare_settings(p.target.path or "the model", p.source, p.target)) for p in result.pairs)
     return result._replace(pairs=pairs), sources, targets, calls, source_first, checks.channels_first(targets)
@@ -188,8 +189,8 @@ def _verify(found: Plan, source: Any, moved: Any, example: Any, calls: Calls, fi
     if a is None or b is None:
         side = "source" if a is None else "target"
         raise ConversionError(f"example=: the {side} is plain arrays and cannot be run: pass a module (Linen: module.bind(variables))")
-    y_source = checks.outputs(a, calls[0], example)
-    y_target = checks.outputs(b, calls[1], checks.move_channels(example, firsts[0], firsts[1]))
+    y_source = trace.outputs(a, calls[0], example)
+    y_target = trace.outputs(b, calls[1], checks.move_channels(example, firsts[0], firsts[1]))
     return checks.compare_outputs(found, y_source, y_target, firsts, tolerance)
 
 
