@@ -1,7 +1,8 @@
 """Each side's layers for the matcher: kind, path, functional shapes, settings where visible, order.
 
 One walker per form. An Equinox module is walked field by field and an NNX module attribute by
-attribute, in the order they were defined; a Linen module is seen through ``nn.intercept_methods``
+attribute, in the order they were defined (with an example, ``trace.call_order`` reorders them
+as a call reaches them); a Linen module is seen through ``nn.intercept_methods``
 during an abstract ``apply`` on the example, in the order its layers are called (Linen's
 auto-names follow construction order, which can differ); Linen variables and functional params
 are plain dicts, walked in their keys' order, each layer's kind read from its Linen auto-name
