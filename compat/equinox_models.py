@@ -221,6 +221,8 @@ class ConvVAE(eqx.Module):
     and run under ``jax.vmap(..., axis_name="batch")`` (see :func:`batched_apply_stateful`).
     """
 
+    flatten_order = "HWC"  # it flattens its feature maps as Linen does (read by pureflax.compat.migrate)
+
     encoder: ConvEncoder
     pre_latent_proj: eqx.nn.Linear
     post_latent_proj: eqx.nn.Linear

@@ -392,7 +392,7 @@ def eqx_outputs(model):
 
 def test_the_mnist_cnn_goes_linen_equinox_nnx_functional_linen(cnn):
     variables, want = cnn
-    model = migrate(variables, eqx_shapes(EqxCNN, key=KEY))
+    model = migrate(LinenCNN().bind(variables), eqx_shapes(EqxCNN, key=KEY), example=IMAGES)  # settings and rows proven
     assert_close(eqx_outputs(model), want)
     module = convert.transfer(model, nnx_shapes(NNXCNN), names=NNX_NAMES)  # settings checked: padding 1 is 'SAME' at stride 1
     assert_close(jax.jit(lambda m, x: m(x))(module, IMAGES), want)

@@ -261,3 +261,102 @@ def test_an_equinox_model_shows_which_layer_first_differs(linen_cnn):
     bound, _ = linen_cnn
     with pytest.raises(ConversionError, match=r"first layer whose output differs: Conv_1 -> layers/3"):
         migrate(bound, MaxPooled(KEY), example=IMAGES, flatten={"layers/7": (7, 7, 64)})
+
+
+# ------------------------------------------------- what would have been silently wrong
+
+
+class AutoEncoder(nn.Module):  # setup-named layers of one shape: a sorted dict puts decode first
+    def setup(self):
+        self.encode, self.decode = nn.Dense(8), nn.Dense(8)
+
+    def __call__(self, x):
+        return self.decode(nn.relu(self.encode(x)))
+
+
+class EqxAutoEncoder(eqx.Module):
+    encoder: eqx.nn.Linear
+    decoder: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.encoder, self.decoder = eqx.nn.Linear(8, 8, key=k1), eqx.nn.Linear(8, 8, key=k2)
+
+    def __call__(self, x):
+        return self.decoder(jax.nn.relu(self.encoder(x)))
+
+
+def test_a_dicts_key_order_is_not_trusted_between_layers_of_one_shape():
+    x = jnp.ones((2, 8))
+    variables = jax.tree_util.tree_map(lambda v: v, AutoEncoder().init(KEY, x))  # tree_map sorts: decode, encode
+    assert list(variables["params"]) == ["decode", "encode"]
+    like = eqx.filter_eval_shape(EqxAutoEncoder, KEY)
+    with pytest.raises(ConversionError, match=r"in the order of a dict's keys .* module.bind\(variables\)"):
+        migrate(variables, like)
+    moved = migrate(AutoEncoder().bind(variables), like, example=x)  # the bound module's calls settle it
+    np.testing.assert_array_equal(moved.encoder.weight, variables["params"]["encode"]["kernel"].T)
+    pinned = migrate(variables, like, names={"encoder": "encode", "decoder": "decode"})
+    np.testing.assert_array_equal(pinned.decoder.weight, variables["params"]["decode"]["kernel"].T)
+
+
+class LinenConvFc(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="fc")(nn.Conv(3, (3, 3), strides=2, padding="VALID", name="conv")(x).reshape((x.shape[0], -1)))
+
+
+class EqxConvFc(eqx.Module):  # the same names, but it flattens (C, H, W)
+    conv: eqx.nn.Conv2d
+    fc: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.conv, self.fc = eqx.nn.Conv2d(1, 3, 3, stride=2, key=k1), eqx.nn.Linear(27, 4, key=k2)
+
+    def __call__(self, x):
+        return self.fc(jnp.ravel(self.conv(x)))
+
+
+class NNXConvFc(nnx.Module):  # the same names, 'SAME' where the source is 'VALID'
+    def __init__(self, rngs):
+        self.conv, self.fc = nnx.Conv(1, 3, (3, 3), strides=2, rngs=rngs), nnx.Linear(27, 4, rngs=rngs)
+
+
+def test_layers_whose_names_agree_are_still_checked_for_flatten_order_and_settings():
+    x = IMAGES[:, :7, :7]
+    variables = random_like(jax.eval_shape(lambda: LinenConvFc().init(KEY, x)), seed=10)
+    with pytest.raises(ConversionError, match="flatten"):
+        migrate(LinenConvFc().bind(variables), eqx.filter_eval_shape(EqxConvFc, KEY))
+    moved = migrate(LinenConvFc().bind(variables), eqx.filter_eval_shape(EqxConvFc, KEY), example=x)
+    assert relative(LinenConvFc().apply(variables, x), eqx_out(moved, x)) < 1e-5
+    with pytest.raises(ConversionError, match="settings .* cannot be seen"):
+        migrate(variables, NNXConvFc(nnx.Rngs(0)))  # plain variables: their conv's padding is unknown
+
+
+def test_running_the_example_changes_neither_model():
+    class Norm(nnx.Module):
+        def __init__(self, rngs):
+            self.norm = nnx.BatchNorm(3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.norm(x)
+
+    x = jnp.asarray(np.random.default_rng(11).normal(5.0, 1.0, (4, 3)), jnp.float32)
+    source = Norm(nnx.Rngs(0))
+    source.norm.mean[...] = jnp.full(3, 5.0)
+    target = migrate(source, Norm(nnx.Rngs(1)), example=x)
+    np.testing.assert_array_equal(target.norm.mean[...], jnp.full(3, 5.0))  # not one training step on the example
+    np.testing.assert_array_equal(source.norm.mean[...], jnp.full(3, 5.0))
+    assert not target.norm.use_running_average  # returned as it came, in training mode
+
+
+def test_containers_without_a_place_for_a_state_refuse_it():
+    params, model_state = {"Dense_0": {"kernel": jnp.ones((2, 2))}}, {"BatchNorm_0": {"mean": jnp.zeros(2)}}
+    with pytest.raises(ConversionError, match="cannot fill variables of params"):
+        convert.variables_from_functional(params, model_state, like={"Dense_0": {"kernel": jnp.zeros((2, 2))}})
+    tx = optax.sgd(0.1)  # its state has no arrays: still Equinox's (model, opt_state)
+    model = eqx.nn.Linear(2, 2, key=KEY)
+    functional = convert.to_functional((model, tx.init(eqx.filter(model, eqx.is_array))))
+    assert isinstance(functional, TrainState)
+    with pytest.raises(ConversionError, match="cannot fill"):
+        convert.transfer(functional, model)  # its optimiser state is not dropped

@@ -106,9 +106,9 @@ def variables_to_functional(obj: Any, *, names: Mapping[str, str] | None = None,
         (['layers_0', 'layers_1'], ['mean', 'var'])
     """
     row = container_of(obj)
-    if row.name == "params" and not isinstance(obj, Mapping):
-        raise ConversionError(f"cannot take variables from a {type(obj).__name__}: expected Linen variables, an NNX "
-                              "module or an Equinox (model, eqx.nn.State) pair")
+    if row.trains or row.bare:
+        raise ConversionError(f"cannot take variables from {row.name} ({type(obj).__name__}): expected Linen variables, a bound "
+                              "Linen module, an NNX module or an Equinox (model, eqx.nn.State) pair")
     parts = row.split(obj)
     functional = containers.parts_to_functional(parts._replace(opt_state=None), Options(names, flatten))
     return functional.params, functional.model_state
@@ -128,8 +128,8 @@ def variables_from_functional(params: Mapping, model_state: Mapping, like: Any, 
         New Linen variables, a new bound module, a new NNX module, or a new ``(model, eqx.nn.State)`` pair.
     """
     row = container_of(like)
-    if row.trains or (row.name == "params" and not isinstance(like, Mapping)):
-        raise ConversionError(f"cannot fill variables of {row.name} ({type(like).__name__}): expected Linen variables, an NNX "
-                              "module or an Equinox (model, eqx.nn.State) pair")
+    if row.trains or row.bare:
+        raise ConversionError(f"cannot fill variables of {row.name} ({type(like).__name__}): expected Linen variables, a bound "
+                              "Linen module, an NNX module or an Equinox (model, eqx.nn.State) pair")
     tree = TrainState(step=0, params=params, opt_state=None, model_state=model_state)
     return row.rebuild(like, tree, Options(names, flatten))

@@ -84,12 +84,25 @@ def runnable(obj: Any) -> Any:
 
 
 def default_call(model: Any, x: Any) -> Any:
-    """A model called the way its form is: Linen and NNX on the batch, Equinox ``jax.vmap`` over it."""
+    """A model called the way its form is: Equinox ``jax.vmap`` over the batch, Linen and NNX on the batch."""
     if isinstance(model, tuple):
         return jax.vmap(model[0], in_axes=(0, None), out_axes=(0, None), axis_name="batch")(x, model[1])[0]
     if isinstance(model, eqx.Module):
         return jax.vmap(model)(x)
     return model(x)
+
+
+def inference(model: Any) -> Any:
+    """The model in inference mode, as the default call compares it: ``eqx.nn.inference_mode``, or an
+    NNX copy after ``.eval()``; a Linen module as it is (its call says, through ``call=``)."""
+    if isinstance(model, tuple):
+        return eqx.nn.inference_mode(model[0]), model[1]
+    if isinstance(model, eqx.Module):
+        return eqx.nn.inference_mode(model)
+    if isinstance(model, nnx.Module):
+        model = nnx.clone(model)
+        model.eval()
+    return model
 
 
 def side_layers(obj: Any, example: Any = None, call: Callable | None = None) -> list[walk.Layer]:

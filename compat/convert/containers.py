@@ -54,6 +54,7 @@ class Container(NamedTuple):
     split: Callable[[Any], Parts]
     rebuild: Callable[[Any, Any, Options], Any]  # (like, functional parts, options) -> like's form
     trains: bool = False  # it holds an optimiser state
+    bare: bool = False  # params alone: no place for a model state
 
 
 def step_of(step: Any) -> Any:
@@ -133,8 +134,8 @@ def _count(opt_state: Any) -> Any:
 
 def _is_eqx_opt_pair(x: Any) -> bool:
     """Equinox's documented ``(model, opt_state)``: a module and an optax state."""
-    return (isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], eqx.Module) and not isinstance(x[1], eqx.nn.State)
-            and not isinstance(x[1], eqx.Module) and has_leaves(x[1]))
+    return (isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], eqx.Module) and isinstance(x[1], tuple)
+            and not isinstance(x[1], (eqx.nn.State, eqx.Module)))  # optax states are tuples (sgd's has no leaves)
 
 
 # ------------------------------------------------------------------ variables
@@ -205,7 +206,7 @@ CONTAINERS: tuple[Container, ...] = (
               _linen_variables_rebuild),
     Container("an NNX module", lambda x: isinstance(x, nnx.Module), lambda m: Parts(m, None, m), _nnx_module),
     Container("an Equinox module", lambda x: isinstance(x, eqx.Module), lambda m: Parts(m, None, m), _eqx_module_rebuild),
-    Container("params", lambda x: True, lambda p: Parts(p), lambda like, tree, o: _params(tree, like, o)),
+    Container("params", lambda x: True, lambda p: Parts(p), lambda like, tree, o: _params(tree, like, o), bare=True),
 )
 
 
@@ -224,6 +225,21 @@ def parts_to_functional(parts: Parts, o: Options) -> TrainState:
         model_state = stats.state_to_functional(parts.model_state, parts.model, names=o.names)
     return TrainState(step=step_of(parts.step if parts.step is not None else 0), params=params, opt_state=opt_state,
                       model_state=model_state)
+
+
+def holds_state(obj: Any) -> bool:
+    """A model with running statistics and no optimiser: what the ``variables_*`` calls move."""
+    row = container_of(obj)
+    if row.bare or row.trains:
+        return False
+    parts = row.split(obj)
+    if isinstance(parts.model_state, eqx.nn.State):
+        return True
+    if isinstance(parts.model, nnx.Module):
+        return has_leaves(nnx.state(parts.model, nnx.BatchStat))
+    if isinstance(parts.model, eqx.Module):
+        return bool(stats.eqx_field_stats(parts.model, None))
+    return has_leaves(parts.model_state)
 
 
 def split(obj: Any, o: Options = Options()) -> tuple[Container, TrainState]:

@@ -14,14 +14,12 @@ import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flax import nnx
-
 from pureflax.compat.convert import checks, containers, trace
 from pureflax.compat.convert.api import from_functional, to_functional, variables_from_functional, variables_to_functional
 from pureflax.compat.convert.containers import Options
 from pureflax.compat.convert.layers import Layer
 from pureflax.compat.convert.plan import Pair, Plan, match, refuse_unconfirmed
-from pureflax.compat.convert.trees import ConversionError, has_leaves
+from pureflax.compat.convert.trees import ConversionError
 
 Calls = tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]
 _SETTINGS_MATTER = ("Conv", "ConvTranspose", "LayerNorm", "GroupNorm", "BatchNorm", "Conv|ConvTranspose", "LayerNorm|GroupNorm")
@@ -40,17 +38,26 @@ def _channels_before(found: list[Layer], layer: Layer) -> tuple[int, bool] | Non
     return channels, last.row is not None and last.row.channels_first
 
 
-def _unsettled(plan: Plan, sources: list[Layer], targets: list[Layer]) -> list[tuple[Pair, int, bool]]:
-    """Dense pairs after a flatten of C channels that one side orders C first: (pair, C, the source is that side)."""
+def declares_hwc(obj: Any) -> bool:
+    """An Equinox model whose class says it flattens (H, W, C), as Linen does: ``flatten_order = "HWC"``."""
+    return getattr(type(checks.module_of(obj)), "flatten_order", None) == "HWC"
+
+
+def _unsettled(plan: Plan, sources: list[Layer], targets: list[Layer], hwc: tuple[bool, bool]) -> list[tuple[Pair, int, bool]]:
+    """Dense pairs after a flatten of C channels that one side orders C first: (pair, C, the source is that side).
+
+    ``hwc``: whether the source, the target, declares that it flattens as Linen does.
+    """
     out = []
     for pair in plan.pairs:
-        if pair.how in ("name", "names=") or pair.source.kind != "Dense":
-            continue  # a pair whose names agree was written to one layout, as pureflax's own models are
+        if pair.source.kind != "Dense":
+            continue
         before = _channels_before(sources, pair.source), _channels_before(targets, pair.target)
         if None in before:
             continue
         rows, (channels, source_first), (_, target_first) = dict(pair.source.shapes)["kernel"][0], before[0], before[1]
-        if rows != channels and rows % channels == 0 and source_first != target_first:
+        declared = hwc[0] if source_first else hwc[1]
+        if rows != channels and rows % channels == 0 and source_first != target_first and not declared:
             out.append((pair, channels, source_first))
     return out
 
@@ -62,15 +69,15 @@ def _candidates(rows: int, channels: int) -> list[tuple[int, int, int]]:
     return sorted(found, key=lambda c: abs(c[0] - c[1]))
 
 
-def _options(plan: Plan, flattens: Mapping[str, tuple[tuple, bool]]) -> tuple[Options, Options]:
+def _options(plan: Plan, flattens: Mapping[str, tuple[tuple | None, bool]]) -> tuple[Options, Options]:
     """The source's and the target's options for the move: the target named after the source, the flattens."""
     by_target = {p.target.path: p for p in plan.pairs}
-    source_flatten = {"/".join(by_target[t].source.default): hwc for t, (hwc, first) in flattens.items() if first}
-    target_flatten = {"/".join(by_target[t].source.default): hwc for t, (hwc, first) in flattens.items() if not first}
+    source_flatten = {"/".join(by_target[t].source.default): hwc for t, (hwc, first) in flattens.items() if first and hwc}
+    target_flatten = {"/".join(by_target[t].source.default): hwc for t, (hwc, first) in flattens.items() if not first and hwc}
     return Options(None, source_flatten or None), Options(plan.names(), target_flatten or None)
 
 
-def _user_flatten(plan: Plan, flatten: Mapping[str, Any], unsettled: list) -> dict[str, tuple[tuple, bool]]:
+def _user_flatten(plan: Plan, flatten: Mapping[str, Any], unsettled: list) -> dict[str, tuple[tuple | None, bool]]:
     known = {}
     for pair, _, first in unsettled:
         for path in (pair.target.path, pair.source.path):
@@ -89,17 +96,21 @@ def plan(source: Any, like: Any, *, example: Any = None, call: Calls | None = No
 
     Arguments as for :func:`migrate`; settings are compared (a difference raises), outputs are not.
     """
-    return _prepare(source, like, example, call, names)[0]
+    found, sources, targets = _prepare(source, like, example, call, names)[:3]
+    unsettled = _unsettled(found, sources, targets, (declares_hwc(source), declares_hwc(like)))
+    known = _user_flatten(found, dict(flatten or {}), unsettled)
+    return found._replace(pairs=tuple(p._replace(flatten=known[p.target.path][0]) if p.target.path in known else p
+                                      for p in found.pairs))
 
 
 def _prepare(source: Any, like: Any, example: Any, call: Calls | None, names: Mapping[str, str] | None):
     calls = call or (checks.default_call, checks.default_call)
-    sources = checks.side_layers(source, example, calls[0])
+    sources = running("source", lambda: checks.side_layers(source, example, calls[0]))
     source_first = checks.channels_first(sources)
     targets = checks.side_layers(like)
     if example is not None:  # traced on the example as the target takes it
         like_example = checks.move_channels(example, source_first, checks.channels_first(targets))
-        targets = checks.side_layers(like, like_example, calls[1])
+        targets = running("target", lambda: checks.side_layers(like, like_example, calls[1]))
     result = match(sources, targets, names, checks.form_of(source), checks.form_of(like))
     pairs = tuple(p._replace(checked=checks.compare_settings(p.target.path or "the model", p.source, p.target)) for p in result.pairs)
     return result._replace(pairs=pairs), sources, targets, calls, source_first, checks.channels_first(targets)
@@ -132,19 +143,18 @@ def migrate(source: Any, like: Any, *, example: Any = None, call: Calls | None =
             order that cannot be known, outputs that differ (naming the first layer that does).
     """
     found, sources, targets, calls, source_first, target_first = _prepare(source, like, example, call, names)
-    unsettled = _unsettled(found, sources, targets)
+    unsettled = _unsettled(found, sources, targets, (declares_hwc(source), declares_hwc(like)))
     known = _user_flatten(found, dict(flatten or {}), unsettled)
     open_pairs = [(pair, channels, first) for pair, channels, first in unsettled if pair.target.path not in known]
     if example is None:
-        refuse_unconfirmed(found, "")
+        refuse_unconfirmed(found)
         if open_pairs:
             pair = open_pairs[0][0]
             raise ConversionError(
                 f"{pair.source.path} -> {pair.target.path}: a Dense after a flatten of a feature map, which one form orders "
                 f"channels first and the other last: pass example= (a batch as the source takes it) to settle it by the "
                 f"outputs, or flatten={{{pair.target.path!r}: (H, W, C)}}")
-        unseen = [p for p in found.pairs if p.how not in ("name", "names=") and p.source.kind in _SETTINGS_MATTER
-                  and p.checked in ("not visible", "-")]
+        unseen = [p for p in found.pairs if p.source.kind in _SETTINGS_MATTER and p.checked in ("not visible", "-")]
         if unseen:
             raise ConversionError(
                 f"{unseen[0].source.path} -> {unseen[0].target.path}: the {found.source_form if unseen[0].source.settings is None else found.target_form} "
@@ -163,34 +173,53 @@ def migrate(source: Any, like: Any, *, example: Any = None, call: Calls | None =
         if example is None:
             return moved
         try:
-            _verify(found, source, moved, example, calls, (source_first, target_first), tolerance)
+            _verify(found, source, moved, example, call, (source_first, target_first), tolerance)
             return moved
         except ConversionError as err:
             error = error or err
     raise error
 
 
-def _flatten_candidates(pair: Pair, channels: int) -> list[tuple[int, int, int]]:
-    return _candidates(dict(pair.source.shapes)["kernel"][0], channels)
+def _flatten_candidates(pair: Pair, channels: int) -> list[tuple[int, int, int] | None]:
+    """The row orders to try: as they are (the channels-first side transposed before flattening), then C, H, W."""
+    return [None] + _candidates(dict(pair.source.shapes)["kernel"][0], channels)
 
 
 def _trains(obj: Any) -> bool:
     return containers.container_of(obj).trains
 
 
-def _move(source: Any, like: Any, found: Plan, flattens: Mapping[str, tuple[tuple, bool]]) -> Any:
+def _move(source: Any, like: Any, found: Plan, flattens: Mapping[str, tuple[tuple | None, bool]]) -> Any:
     source_options, target_options = _options(found, flattens)
     _, tree = containers.split(source, source_options)
     return containers.container_of(like).rebuild(like, tree, target_options)
 
 
-def _verify(found: Plan, source: Any, moved: Any, example: Any, calls: Calls, firsts: tuple[bool, bool], tolerance: float) -> float:
+def running(side: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, an error from running a model on the example told as a ConversionError that says what to pass."""
+    try:
+        return fn()
+    except ConversionError:
+        raise
+    except Exception as err:  # the user's model, batch or call: any error a library raises
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ConversionError(
+            f"example=: running the {side} on it failed ({type(err).__name__}: {first}); where a plain call does not fit "
+            "(train=False, a state, another layout), pass call=(source_fn, like_fn), each fn(model, batch)"
+        ) from err
+
+
+def _verify(found: Plan, source: Any, moved: Any, example: Any, call: Calls | None, firsts: tuple[bool, bool],
+            tolerance: float) -> float:
     a, b = checks.runnable(source), checks.runnable(moved)
     if a is None or b is None:
         side = "source" if a is None else "target"
         raise ConversionError(f"example=: the {side} is plain arrays and cannot be run: pass a module (Linen: module.bind(variables))")
-    y_source = trace.outputs(a, calls[0], example)
-    y_target = trace.outputs(b, calls[1], checks.move_channels(example, firsts[0], firsts[1]))
+    if call is None:
+        a, b = checks.inference(a), checks.inference(b)
+    calls = call or (checks.default_call, checks.default_call)
+    y_source = running("source", lambda: trace.outputs(a, calls[0], example))
+    y_target = running("target", lambda: trace.outputs(b, calls[1], checks.move_channels(example, firsts[0], firsts[1])))
     return checks.compare_outputs(found, y_source, y_target, firsts, tolerance)
 
 
@@ -202,12 +231,8 @@ def transfer(source: Any, like: Any, *, source_names: Mapping[str, str] | None =
     the layers' settings are checked (:func:`checks.check_layers`).
     """
     checks.check_layers(source, like, source_names=source_names, names=names)
-    row = containers.container_of(like)
-    if not row.trains and row.name not in ("params",) and (row.name != "an NNX module" or has_leaves(_batch_stats(like))):
+    if containers.holds_state(like):
         params, model_state = variables_to_functional(source, names=source_names, flatten=source_flatten)
         return variables_from_functional(params, model_state, like, names=names, flatten=flatten)
     return from_functional(to_functional(source, names=source_names, flatten=source_flatten), like, names=names, flatten=flatten)
 
-
-def _batch_stats(module: Any) -> Any:
-    return nnx.state(module, nnx.BatchStat)

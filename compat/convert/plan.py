@@ -81,11 +81,20 @@ def _refuse(kind: str, sources: list[Layer], targets: list[Layer], why: str) -> 
     raise ConversionError(f"{kind} layers: {why}\n  source: {_describe(sources)}\n  target: {_describe(targets)}{hint}")
 
 
+def _order_how(source: Layer, target: Layer, sources: list[Layer], targets: list[Layer]) -> str:
+    """'order', or 'keys' where a side is a plain dict (its keys' order may be sorted, not called) with
+    other layers of this kind and shape: then only outputs or names= can confirm the pair."""
+    for layer, side in ((source, sources), (target, targets)):
+        if layer.row is None and sum(_shapes(other) == _shapes(layer) for other in side) > 1:
+            return "keys"
+    return "order"
+
+
 def _by_order(kind: str, sources: list[Layer], targets: list[Layer]) -> list[Pair]:
     if len(sources) != len(targets):
         _refuse(kind, sources, targets, f"the source has {len(sources)} and the target {len(targets)}")
     if all(_shapes(s) == _shapes(t) for s, t in zip(sources, targets)):
-        return [Pair(s, t, "order") for s, t in zip(sources, targets)]
+        return [Pair(s, t, _order_how(s, t, sources, targets)) for s, t in zip(sources, targets)]
     groups: dict[tuple, tuple[list, list]] = {}
     for layer in sources:
         groups.setdefault(_shapes(layer), ([], []))[0].append(layer)
@@ -140,14 +149,16 @@ def match(sources: list[Layer], targets: list[Layer], names: Mapping[str, str] |
 
 def ambiguous(plan: Plan) -> list[Pair]:
     """The pairs matched by shape among several layers of one shape: only outputs can confirm them."""
-    return [p for p in plan.pairs if p.how == "shape, then order"]
+    return [p for p in plan.pairs if p.how in ("shape, then order", "keys")]
 
 
-def refuse_unconfirmed(plan: Plan, what: Any) -> None:
+def refuse_unconfirmed(plan: Plan) -> None:
     found = ambiguous(plan)
     if found:
+        how = ("in the order of a dict's keys (sorted, perhaps, not called)" if found[0].how == "keys"
+               else "by shape and then order")
         raise ConversionError(
-            f"{found[0].source.kind} layers: matched by shape and then order ({found[0].source.path} -> {found[0].target.path}, ...), "
-            f"which only the outputs can confirm: pass example= (a batch as the source takes it), or names= "
-            f"{{{found[0].target.path!r}: {found[0].source.path!r}, ...}}{what}"
+            f"{found[0].source.kind} layers: matched {how} ({found[0].source.path} -> {found[0].target.path}, ...), which only "
+            "the outputs can confirm: pass example= (a batch as the source takes it; Linen variables as the bound module, "
+            f"module.bind(variables)), or names={{{found[0].target.path!r}: {found[0].source.path!r}, ...}}"
         )

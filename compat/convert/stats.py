@@ -57,7 +57,7 @@ def _eqx_ema_stats(m: eqx.nn.BatchNorm, where: str) -> tuple:
 
     def get_values(values: dict) -> tuple[Any, Any]:
         fresh = values[first]
-        if not isinstance(fresh, jax.ShapeDtypeStruct) and bool(fresh):
+        if not isinstance(fresh, (jax.ShapeDtypeStruct, jax.core.Tracer)) and bool(fresh):  # under jit: not knowable
             # its next training step overwrites the buffers with the batch's statistics: they mean nothing yet
             raise ConversionError(
                 f"{where}: this eqx.nn.BatchNorm's state is still marked first-time (never trained), so its running "

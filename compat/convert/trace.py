@@ -135,7 +135,7 @@ def call_order(model: Any, call: Callable[[Any, Any], Any], x: Any) -> list[str]
 def outputs(model: Any, call: Callable[[Any, Any], Any], x: Any) -> tuple[Any, dict[str, Any]]:
     """The model's output on ``x`` and each layer's output by path (stacked over a vmapped batch)."""
     if isinstance(model, nnx.Module):
-        model = nnx.merge(*nnx.split(model))  # a copy: a call may update its statistics
+        model = nnx.clone(model)  # a copy: a call may update its statistics
     values: dict[str, list] = {}
     out, _ = watched(model, call, x, values)
     jax.effects_barrier()
