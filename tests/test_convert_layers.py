@@ -595,3 +595,23 @@ def test_pureflax_batch_norm_follows_equinox_inference_mode():
     assert_close(run(eqx.nn.inference_mode(norm)), want)  # the running statistics
     assert_close(run(norm), jnp.array([[-1.0, -1.0], [1.0, 1.0]]))  # training: the batch's
     assert_close(run(eqx.nn.inference_mode(norm, False)), run(norm))
+
+
+def test_check_layers_names_may_rename_a_block_and_everything_in_it():
+    class Block(eqx.Module):
+        norm: eqx.nn.LayerNorm
+
+    class Outer(eqx.Module):
+        body: Block
+
+    class NNXBlock(nnx.Module):
+        def __init__(self, rngs):
+            self.norm = nnx.LayerNorm(6, rngs=rngs)
+
+    class NNXOuter(nnx.Module):
+        def __init__(self, rngs):
+            self.enc = NNXBlock(rngs)
+
+    source = Outer(Block(eqx.nn.LayerNorm(6)))  # eps 1e-5
+    with pytest.raises(ConversionError, match=r"enc/norm: epsilon is 1e-05"):
+        convert.check_layers(source, NNXOuter(nnx.Rngs(0)), source_names={"body": "enc"})

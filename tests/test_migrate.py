@@ -360,3 +360,10 @@ def test_containers_without_a_place_for_a_state_refuse_it():
     assert isinstance(functional, TrainState)
     with pytest.raises(ConversionError, match="cannot fill"):
         convert.transfer(functional, model)  # its optimiser state is not dropped
+
+
+def test_a_model_that_is_one_layer_takes_a_named_layer():
+    variables = {"params": {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}}
+    layer = migrate(variables, eqx.nn.Linear(2, 3, key=KEY))
+    np.testing.assert_array_equal(layer.weight, jnp.ones((3, 2)))
+    assert_trees_equal(migrate(layer, variables), variables)

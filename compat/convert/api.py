@@ -81,6 +81,9 @@ def from_functional(tree: Any, like: Any, *, names: Mapping[str, str] | None = N
         raise ConversionError("an Equinox (model, eqx.nn.State) pair: use "
                               "convert.variables_from_functional(params, model_state, like=pair)")
     if containers.is_bound_linen(like):
+        if containers.holds_state(like):
+            raise ConversionError("a bound Linen module with batch_stats: use convert.variables_from_functional(params, "
+                                  "model_state, like=module)")
         return row.rebuild(like, TrainState(step=0, params=tree, opt_state=None, model_state={}), o)
     return params_from_functional(tree, like, names=names, flatten=flatten)
 

@@ -177,6 +177,13 @@ def compare_outputs(plan: Any, source: tuple, target: tuple, layouts_first: tupl
 # ----------------------------------------------------------------- check_layers
 
 
+def _module_paths(module: Any) -> dict[str, tuple]:
+    """Each sub-module's own path -> its default functional path (the whole tree, containers too)."""
+    if isinstance(module, eqx.Module):
+        return {node.form: node.path for node in leaves.eqx_nodes(module) if node.form}
+    return {"/".join(map(str, parts)): leaves.nnx_path(parts) for parts, _ in walk.nnx_modules(module) if parts}
+
+
 def check_layers(source: Any, target: Any, *, source_names: Mapping[str, str] | None = None,
                  names: Mapping[str, str] | None = None) -> None:
     """Refuse two models whose layers at the same functional path would compute different things.
@@ -202,7 +209,7 @@ def check_layers(source: Any, target: Any, *, source_names: Mapping[str, str] | 
         if form_of(obj) not in ("equinox", "nnx"):
             return {}
         found = side_layers(obj)
-        paths = {l.path: l.default for l in found}
+        paths = _module_paths(module_of(obj))  # every module, so names= may rename a block and all inside it
         leaves.check_names("names", dict(option or {}), paths)
         return {leaves.renamed(l.path, l.default, paths, dict(option or {})): l for l in found}
 

@@ -24,7 +24,7 @@ from pureflax.compat.convert.params import (
     opt_state_from_functional, opt_state_to_functional, params_from_functional,
     params_to_functional,
 )
-from pureflax.compat.convert.trees import ConversionError, has_leaves, leaf_paths, like_frozen, plain
+from pureflax.compat.convert.trees import ConversionError, has_leaves, leaf_paths, like_frozen, no_extra, plain
 from pureflax.state import TrainState
 
 FlaxTrainState = flax_train_state.TrainState
@@ -162,6 +162,8 @@ def _eqx_module_rebuild(like: eqx.Module, tree: Any, o: Options, state: Any = No
         return model, stats.eqx_from_functional(plain(tree.model_state), state, model, o.names, used)
     if has_leaves(tree.model_state) and not used:
         raise ConversionError("an Equinox module alone keeps no model state: pass like=(model, eqx.nn.State(model))")
+    if used:
+        no_extra(plain(tree.model_state), used)  # statistics its layers keep in fields: nothing else dropped
     return model
 
 

@@ -147,24 +147,8 @@ def migrate(source: Any, like: Any, *, example: Any = None, call: Calls | None =
     known = _user_flatten(found, dict(flatten or {}), unsettled)
     open_pairs = [(pair, channels, first) for pair, channels, first in unsettled if pair.target.path not in known]
     if example is None:
-        refuse_unconfirmed(found)
-        if open_pairs:
-            pair = open_pairs[0][0]
-            raise ConversionError(
-                f"{pair.source.path} -> {pair.target.path}: a Dense after a flatten of a feature map, which one form orders "
-                f"channels first and the other last: pass example= (a batch as the source takes it) to settle it by the "
-                f"outputs, or flatten={{{pair.target.path!r}: (H, W, C)}}")
-        unseen = [p for p in found.pairs if p.source.kind in _SETTINGS_MATTER and p.checked in ("not visible", "-")]
-        if unseen:
-            raise ConversionError(
-                f"{unseen[0].source.path} -> {unseen[0].target.path}: the {found.source_form if unseen[0].source.settings is None else found.target_form} "
-                "side's layer settings (padding, strides, momentum) cannot be seen: pass example= so both models' outputs are "
-                "compared (a Linen source as a bound module, module.bind(variables), shows its settings then too)")
-    if _trains(like) and not _trains(source):
-        raise ConversionError("like is a train state but the source holds no optimiser state: pass the model alone as like")
-    if _trains(source) and not _trains(like):
-        raise ConversionError("the source holds an optimiser state that like has no place for: pass a train state as like "
-                              "(for Equinox, (model, opt_state)), or the source's model alone")
+        _refuse_unproven(found, open_pairs)
+    _refuse_dropped_optimiser(source, like)
     choices = [[(c, first) for c in _flatten_candidates(pair, channels)] for pair, channels, first in open_pairs]
     error = None
     for combo in itertools.islice(itertools.product(*choices), 64):
@@ -178,6 +162,32 @@ def migrate(source: Any, like: Any, *, example: Any = None, call: Calls | None =
         except ConversionError as err:
             error = error or err
     raise error
+
+
+def _refuse_unproven(found: Plan, open_pairs: list) -> None:
+    """Without an example: what only outputs could prove is refused, naming what settles it."""
+    refuse_unconfirmed(found)
+    if open_pairs:
+        pair = open_pairs[0][0]
+        raise ConversionError(
+            f"{pair.source.path} -> {pair.target.path}: a Dense after a flatten of a feature map, which one form orders "
+            f"channels first and the other last: pass example= (a batch as the source takes it) to settle it by the "
+            f"outputs, or flatten={{{pair.target.path!r}: (H, W, C)}}")
+    unseen = [p for p in found.pairs if p.source.kind in _SETTINGS_MATTER and p.checked in ("not visible", "-")]
+    if unseen:
+        side = found.source_form if unseen[0].source.settings is None else found.target_form
+        raise ConversionError(
+            f"{unseen[0].source.path} -> {unseen[0].target.path}: the {side} side's layer settings (padding, strides, momentum) "
+            "cannot be seen: pass example= so both models' outputs are compared (a Linen source as a bound module, "
+            "module.bind(variables), shows its settings then too)")
+
+
+def _refuse_dropped_optimiser(source: Any, like: Any) -> None:
+    if _trains(like) and not _trains(source):
+        raise ConversionError("like is a train state but the source holds no optimiser state: pass the model alone as like")
+    if _trains(source) and not _trains(like):
+        raise ConversionError("the source holds an optimiser state that like has no place for: pass a train state as like "
+                              "(for Equinox, (model, opt_state)), or the source's model alone")
 
 
 def _flatten_candidates(pair: Pair, channels: int) -> list[tuple[int, int, int] | None]:

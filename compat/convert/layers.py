@@ -157,6 +157,7 @@ def linen_layers(module: nn.Module, variables: Mapping, run: Callable[[Any], Any
     for path, m in seen.items():
         row = layouts.layout_of(m)
         arrays = _get(params, path) or {}
-        shapes = tuple((name, tuple(np.shape(arrays[attr]))) for attr, name, _ in row.params if attr in arrays)
+        shapes = tuple((name, tuple(rule.functional_shape(tuple(np.shape(arrays[attr])))))
+                       for attr, name, rule in row.params if attr in arrays)
         found.append(_record("/".join(path), path, row, m, shapes, len(found)))
     return found

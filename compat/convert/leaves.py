@@ -95,7 +95,7 @@ def _eqx_leaves(model: eqx.Module) -> tuple[dict[str, Leaf], dict[str, Path]]:
             if getattr(node.module, attr) is not None:
                 key = jax.tree_util.keystr(node.keys + (jax.tree_util.GetAttrKey(attr),))
                 leaves[key] = Leaf(f"{node.form}/{attr}".lstrip("/"), node.path + (name,), rule, key)
-    return leaves, {node.form: node.path for node in nodes if node.form}
+    return leaves, {node.form: node.path for node in nodes}  # '': the model itself
 
 
 def nnx_path(parts: tuple) -> Path:
@@ -124,7 +124,7 @@ def _nnx_leaves(state: Any) -> tuple[dict[str, Leaf], dict[str, Path]]:
         key = jax.tree_util.keystr(keys)
         leaves[key] = Leaf("/".join(map(str, parts)), nnx_path(parts), SAME, key)
         layers.update(_prefixes(parts, nnx_path))
-    return leaves, layers
+    return leaves, {"": (), **layers}
 
 
 def _dict_leaves(tree: Any) -> tuple[dict[str, Leaf], dict[str, Path]]:
@@ -135,7 +135,7 @@ def _dict_leaves(tree: Any) -> tuple[dict[str, Leaf], dict[str, Path]]:
         parts = tuple(str(k.key) for k in keys)
         leaves[jax.tree_util.keystr(keys)] = Leaf("/".join(parts), parts, SAME, "/".join(parts))
         layers.update(_prefixes(parts, tuple))
-    return leaves, layers
+    return leaves, {"": (), **layers}
 
 
 def check_names(option: str, wanted: Mapping[str, Any], have: Mapping[str, Any] | set) -> None:
@@ -151,11 +151,11 @@ def check_names(option: str, wanted: Mapping[str, Any], have: Mapping[str, Any] 
 
 def renamed(form: str, path: Path, layers: Mapping[str, Path], names: Mapping[str, str]) -> Path:
     """``path`` (the default functional path of the form's ``form``) after ``names``: the longest prefix wins."""
-    matches = [p for p in names if form == p or form.startswith(p + "/")]
+    matches = [p for p in names if form == p or p == "" or form.startswith(p + "/")]
     if not matches:
         return path
     prefix = max(matches, key=len)
-    return tuple(names[prefix].split("/")) + path[len(layers[prefix]):]
+    return tuple(part for part in names[prefix].split("/") if part) + path[len(layers[prefix]):]
 
 
 def table(params: Any, names: Mapping[str, str] | None = None, flatten: Mapping[str, Any] | None = None, *,

@@ -44,7 +44,8 @@ class Plan(NamedTuple):
 
     def names(self) -> dict[str, str]:
         """``{target layer path: the source's functional path}``: the target's ``names=`` for the move."""
-        return {p.target.path: "/".join(p.source.default) for p in self.pairs if p.target.path}  # '': the model is one layer
+        # '' is a model that is one layer; two such need no name
+        return {p.target.path: "/".join(p.source.default) for p in self.pairs if p.target.path or p.source.default}
 
 
 def _moves(p: Pair) -> str:
