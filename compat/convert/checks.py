@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pureflax.compat.convert import layers as walk, leaves, trace
+from pureflax.compat.convert import layers as walk, leaves, pytorch, trace
 from pureflax.compat.convert.containers import FlaxTrainState, container_of, is_bound_linen, is_eqx_pair, is_nnx_pair
 from pureflax.compat.convert.trees import ConversionError
 from pureflax.state import TrainState
@@ -51,10 +51,12 @@ def compare_settings(where: str, source: walk.Layer, target: walk.Layer) -> str:
 
 def module_of(obj: Any) -> Any:
     """The model inside ``obj`` that can be walked and called; None for plain dicts."""
-    if isinstance(obj, (eqx.Module, nnx.Module)) or is_bound_linen(obj):
+    if isinstance(obj, (eqx.Module, nnx.Module)) or is_bound_linen(obj) or pytorch.is_module(obj):
         return obj
     if is_eqx_pair(obj) or is_nnx_pair(obj):
         return obj[0]
+    if isinstance(obj, tuple) and len(obj) == 2 and pytorch.is_module(obj[0]):
+        return obj[0]  # (module, optimizer.state_dict())
     if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], eqx.Module):
         return obj[0]  # (model, opt_state)
     if isinstance(obj, TrainState) and isinstance(obj.params, eqx.Module):
@@ -65,7 +67,15 @@ def module_of(obj: Any) -> Any:
     return None
 
 
+def _torch_side(obj: Any) -> Any:
+    """The state_dict of a torch object (a state_dict, a module, a (state_dict, optimiser state) pair); else None."""
+    first = obj[0] if isinstance(obj, tuple) and len(obj) == 2 else obj
+    return pytorch.state_dict_of(first) if pytorch.is_state_dict(first) or pytorch.is_module(first) else None
+
+
 def form_of(obj: Any) -> str:
+    if _torch_side(obj) is not None:
+        return "torch"
     module = module_of(obj)
     if isinstance(module, eqx.Module):
         return "equinox"
@@ -89,6 +99,10 @@ def default_call(model: Any, x: Any) -> Any:
         return jax.vmap(model[0], in_axes=(0, None), out_axes=(0, None), axis_name="batch")(x, model[1])[0]
     if isinstance(model, eqx.Module):
         return jax.vmap(model)(x)
+    if pytorch.is_module(model):
+        torch = pytorch.torch_module()
+        with torch.no_grad():
+            return jnp.asarray(model(torch.from_numpy(np.array(x))).numpy())
     return model(x)
 
 
@@ -102,11 +116,21 @@ def inference(model: Any) -> Any:
     if isinstance(model, nnx.Module):
         model = nnx.clone(model)
         model.eval()
+    if pytorch.is_module(model):
+        import copy
+
+        model = copy.deepcopy(model).eval()
     return model
 
 
 def side_layers(obj: Any, example: Any = None, call: Callable | None = None) -> list[walk.Layer]:
     """``obj``'s layers, in the order a call on ``example`` reaches them; without one, as defined."""
+    sd = _torch_side(obj)
+    if sd is not None:
+        found = walk.torch_layers(sd)
+        if example is None or sd.module is None:
+            return found
+        return in_call_order(found, trace.call_order(sd.module, call or default_call, example))
     module = module_of(obj)
     if isinstance(module, (eqx.Module, nnx.Module)):
         found = walk.eqx_layers(module) if isinstance(module, eqx.Module) else walk.nnx_layers(module)

@@ -19,7 +19,7 @@ from flax import nnx
 from flax.training import train_state as flax_train_state
 
 from pureflax.compat import flax_models
-from pureflax.compat.convert import stats
+from pureflax.compat.convert import pytorch, stats, torch_optim
 from pureflax.compat.convert.params import (
     opt_state_from_functional, opt_state_to_functional, params_from_functional,
     params_to_functional,
@@ -193,7 +193,44 @@ def _bound_rebuild(like: nn.Module, tree: Any, o: Options) -> nn.Module:
     return module.bind(_linen_variables_rebuild(variables, tree, o))
 
 
+# ----------------------------------------------------------------------- PyTorch
+
+
+def _torch_fill(like_sd: pytorch.StateDict, tree: Any, o: Options) -> pytorch.StateDict:
+    filled = params_from_functional(tree.params, like_sd, names=o.names, flatten=o.flatten)
+    return stats.state_from_functional(tree.model_state, filled, None, names=o.names)
+
+
+def _is_torch_pair(x: Any) -> bool:
+    return (isinstance(x, tuple) and len(x) == 2 and (pytorch.is_state_dict(x[0]) or pytorch.is_module(x[0]))
+            and torch_optim.is_optimizer_state(x[1]))
+
+
+def _torch_pair_split(pair: tuple) -> Parts:
+    sd = pytorch.state_dict_of(pair[0])
+    opt = torch_optim.from_torch(pair[1], sd)
+    return Parts(sd, sd, None, opt, opt.step)
+
+
+def _torch_pair_rebuild(like: tuple, tree: Any, o: Options) -> tuple:
+    sd = pytorch.state_dict_of(like[0])
+    params_only = sd.replace({k: sd[k] for k in pytorch.param_keys(sd)})
+    moments = torch_optim.to_torch(
+        tree.opt_state, like[1], lambda moment: params_from_functional(moment, params_only, names=o.names, flatten=o.flatten),
+        tree.step)
+    return pytorch.back(_torch_fill(sd, tree, o)), moments
+
+
+def _torch_split(obj: Any) -> Parts:
+    sd = pytorch.state_dict_of(obj)
+    return Parts(sd, sd)
+
+
 CONTAINERS: tuple[Container, ...] = (
+    Container("a torch (state_dict, optimizer.state_dict()) pair", _is_torch_pair, _torch_pair_split, _torch_pair_rebuild,
+              trains=True),
+    Container("a torch state_dict", lambda x: pytorch.is_state_dict(x) or pytorch.is_module(x), _torch_split,
+              lambda like, tree, o: pytorch.back(_torch_fill(pytorch.state_dict_of(like), tree, o))),
     Container("an NNX (model, nnx.Optimizer) pair", is_nnx_pair, _nnx_pair_split, _nnx_pair_rebuild, trains=True),
     Container("Flax's TrainState", lambda x: isinstance(x, FlaxTrainState), _train_state_split, _flax_rebuild, trains=True),
     Container("a pureflax.TrainState", lambda x: isinstance(x, TrainState), _train_state_split, _pureflax_rebuild, trains=True),

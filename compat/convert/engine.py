@@ -14,7 +14,7 @@ import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pureflax.compat.convert import checks, containers, trace
+from pureflax.compat.convert import checks, containers, pytorch, trace
 from pureflax.compat.convert.api import from_functional, to_functional, variables_from_functional, variables_to_functional
 from pureflax.compat.convert.containers import Options
 from pureflax.compat.convert.layers import Layer
@@ -199,7 +199,34 @@ def _trains(obj: Any) -> bool:
     return containers.container_of(obj).trains
 
 
+def _with_kinds(obj: Any, kinds: Mapping[str, str]) -> Any:
+    """A torch side with the kinds its match told (a 4-D weight is a ConvTranspose where the other side's is)."""
+    if not kinds or checks.form_of(obj) != "torch":
+        return obj
+    if isinstance(obj, tuple):
+        sd = pytorch.state_dict_of(obj[0])
+        return _told(sd, kinds), obj[1]
+    return _told(pytorch.state_dict_of(obj), kinds)
+
+
+def _told(sd: Any, kinds: Mapping[str, str]) -> Any:
+    return pytorch.StateDict(sd, {**sd.kinds, **kinds}, sd.module, sd.tensors)
+
+
+def _told_kinds(found: Plan) -> tuple[dict[str, str], dict[str, str]]:
+    """For each side, the layers whose kind only the other side tells."""
+    source, target = {}, {}
+    for p in found.pairs:
+        if "|" in p.source.kind and "|" not in p.target.kind:
+            source[p.source.path] = p.target.kind
+        if "|" in p.target.kind and "|" not in p.source.kind:
+            target[p.target.path] = p.source.kind
+    return source, target
+
+
 def _move(source: Any, like: Any, found: Plan, flattens: Mapping[str, tuple[tuple | None, bool]]) -> Any:
+    source_kinds, target_kinds = _told_kinds(found)
+    source, like = _with_kinds(source, source_kinds), _with_kinds(like, target_kinds)
     source_options, target_options = _options(found, flattens)
     _, tree = containers.split(source, source_options)
     return containers.container_of(like).rebuild(like, tree, target_options)

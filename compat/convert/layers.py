@@ -161,3 +161,20 @@ def linen_layers(module: nn.Module, variables: Mapping, run: Callable[[Any], Any
                        for attr, name, rule in row.params if attr in arrays)
         found.append(_record("/".join(path), path, row, m, shapes, len(found)))
     return found
+
+
+def torch_layers(sd: Any) -> list[Layer]:
+    """The layers of a torch state_dict (a :class:`pytorch.StateDict`), in its keys' order; settings from its module."""
+    from pureflax.compat.convert import pytorch
+
+    modules = dict(sd.module.named_modules()) if sd.module is not None else {}
+    found = []
+    for path, arrays in pytorch.layer_arrays(sd).items():
+        kind = pytorch.kind_of(path, arrays, sd.kinds)
+        row = pytorch.row_of(kind)
+        shapes = tuple((name, tuple(rule.functional_shape(tuple(np.shape(arrays[attr])))))
+                       for attr, name, rule in row.params if attr in arrays)
+        module = modules.get(path.replace("/", "."))
+        found.append(Layer(path, pytorch.default_path(path), kind, shapes,
+                           pytorch.settings_of(module) if module is not None else None, row, len(found)))
+    return found

@@ -42,10 +42,25 @@ def _conv_kernel_from_functional(k: Any, shape: tuple[int, ...]) -> Any:
     return jnp.transpose(k, (k.ndim - 1, k.ndim - 2) + tuple(range(k.ndim - 2)))
 
 
+def _torch_transpose_to_functional(w: Any) -> Any:
+    """torch ConvTranspose (in, out//groups, *k) -> Flax ConvTranspose (*k, in, out), flipped: torch's is the
+    transpose of a convolution, Flax's (transpose_kernel=False) a dilated convolution with the kernel as given."""
+    spatial = tuple(range(w.ndim - 2))
+    return jnp.flip(jnp.transpose(w, tuple(range(2, w.ndim)) + (0, 1)), spatial)
+
+
+def _torch_transpose_from_functional(k: Any, shape: tuple[int, ...]) -> Any:
+    del shape
+    n = k.ndim - 2
+    return jnp.transpose(jnp.flip(k, tuple(range(n))), (n, n + 1) + tuple(range(n)))
+
+
 SAME = Rule("as is", lambda x: x, lambda x, shape: x, lambda shape: shape)
 TRANSPOSE = Rule("transposed", jnp.transpose, lambda x, shape: jnp.transpose(x), lambda shape: shape[::-1])
 CONV_KERNEL = Rule("permuted (out, in//groups, *k) <-> (*k, in//groups, out)", _conv_kernel_to_functional,
                    _conv_kernel_from_functional, lambda shape: shape[2:] + (shape[1], shape[0]))
+TORCH_CONV_TRANSPOSE = Rule("permuted (in, out, *k) <-> (*k, in, out), spatially flipped", _torch_transpose_to_functional,
+                            _torch_transpose_from_functional, lambda shape: shape[2:] + (shape[0], shape[1]))
 CONV_BIAS = Rule("reshaped (out, 1, ..., 1) <-> (out,)", lambda x: jnp.reshape(x, (-1,)),
                  lambda x, shape: jnp.reshape(x, shape), lambda shape: shape[:1])
 
@@ -126,6 +141,23 @@ LAYOUTS: list[Layout] = [
            cls=eqx.nn.BatchNorm, settings=s.eqx_batch_norm, statistics=_MEAN_VAR, channels_first=True),
     Layout("BatchNorm", "nnx", "nnx.BatchNorm", _NORM, "nnx.BatchStat mean, var", cls=nnx.BatchNorm, settings=s.flax_batch_norm,
            statistics=_MEAN_VAR),
+]
+
+# PyTorch's layers, by class name (torch is imported only where it is installed); settings in pytorch.py.
+_TORCH_LINEAR = (("weight", "kernel", TRANSPOSE), ("bias", "bias", SAME))
+_TORCH_NORM = (("weight", "scale", SAME), ("bias", "bias", SAME))
+_RUNNING = (("running_mean", "mean"), ("running_var", "var"))
+LAYOUTS += [
+    Layout("Dense", "torch", "torch.nn.Linear", _TORCH_LINEAR),
+    Layout("Conv", "torch", "torch.nn.Conv1d/2d/3d", (("weight", "kernel", CONV_KERNEL), ("bias", "bias", SAME)), channels_first=True),
+    Layout("ConvTranspose", "torch", "torch.nn.ConvTranspose1d/2d/3d", (("weight", "kernel", TORCH_CONV_TRANSPOSE), ("bias", "bias", SAME)),
+           channels_first=True),
+    Layout("LayerNorm", "torch", "torch.nn.LayerNorm (1-D normalized_shape)", _TORCH_NORM),
+    Layout("GroupNorm", "torch", "torch.nn.GroupNorm", _TORCH_NORM, channels_first=True),
+    Layout("Embed", "torch", "torch.nn.Embedding", (("weight", "embedding", SAME),)),
+    Layout("BatchNorm", "torch", "torch.nn.BatchNorm1d/2d/3d", _TORCH_NORM,
+           "buffers running_mean, running_var; num_batches_tracked kept from the target's state_dict", statistics=_RUNNING,
+           channels_first=True),
 ]
 
 KINDS = ("Dense", "Conv", "ConvTranspose", "LayerNorm", "GroupNorm", "Embed", "BatchNorm")

@@ -160,12 +160,16 @@ def renamed(form: str, path: Path, layers: Mapping[str, Path], names: Mapping[st
 
 def table(params: Any, names: Mapping[str, str] | None = None, flatten: Mapping[str, Any] | None = None, *,
           strict: bool = True) -> dict[str, Leaf]:
-    """Each array of ``params`` (Equinox module, NNX ``State`` or dict), by ``keystr``, with where it goes.
+    """Each array of ``params`` (Equinox module, NNX ``State``, torch state_dict or dict), by ``keystr``, with where it goes.
 
     ``strict=False`` for a model state: it holds the BatchNorms only, so ``names`` of other layers are
-    not its (the params' conversion checks every name).
+    not its (the params' conversion checks every name); of a torch state_dict it reads the statistics.
     """
-    if isinstance(params, eqx.Module):
+    from pureflax.compat.convert import pytorch
+
+    if isinstance(params, pytorch.StateDict):
+        leaves, layers = pytorch.leaves_of(params) if strict else pytorch.stats_leaves(params)
+    elif isinstance(params, eqx.Module):
         leaves, layers = _eqx_leaves(params)
     elif isinstance(params, nnx.State):
         leaves, layers = _nnx_leaves(params)

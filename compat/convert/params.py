@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from pureflax.compat.convert import leaves
+from pureflax.compat.convert.pytorch import StateDict
 from pureflax.compat.convert.leaves import Leaf
 from pureflax.compat.convert.trees import (
     ConversionError, apply, check_leaf, check_shape, flatten, get, like_frozen, no_extra, plain, put,
@@ -47,7 +48,7 @@ def param_names(params: Any, *, names: Mapping[str, str] | None = None) -> Any:
     for Flax variables, ``variables['params']['encoder']['Dense_0']['kernel']`` gives the same.
     """
     params = unboxed(params)
-    if not isinstance(params, (eqx.Module, nnx.State)):
+    if not isinstance(params, (eqx.Module, nnx.State, StateDict)):
         params = plain(params)
         if is_flax_variables(params):
             return {"params": param_names(params["params"], names=names)}
@@ -63,7 +64,7 @@ def param_names(params: Any, *, names: Mapping[str, str] | None = None) -> Any:
 def params_to_functional(params: Any, *, names: Mapping[str, str] | None = None, flatten: Mapping[str, Any] | None = None) -> dict:
     """The functional params dict of an Equinox module, an NNX module or ``State``, Flax variables or a dict."""
     params = unboxed(params)
-    if not isinstance(params, (eqx.Module, nnx.State)):
+    if not isinstance(params, (eqx.Module, nnx.State, StateDict)):
         refuse_linen_state(params)
         params = plain(params)
         if is_flax_variables(params):
@@ -118,7 +119,7 @@ def params_from_functional(tree: Mapping, like: Any, *, names: Mapping[str, str]
     refuse_linen_state(like)
     if is_flax_variables(plain(like)):
         return like_frozen({"params": params_from_functional(tree, plain(like)["params"], names=names, flatten=flatten)}, like)
-    if isinstance(like, (eqx.Module, nnx.State)):
+    if isinstance(like, (eqx.Module, nnx.State, StateDict)):
         return fill(tree, like, leaves.table(like, names, flatten))
     if isinstance(like, Mapping):
         return like_frozen(fill(tree, plain(like), leaves.table(plain(like), names, flatten)), like)
@@ -127,7 +128,7 @@ def params_from_functional(tree: Mapping, like: Any, *, names: Mapping[str, str]
 
 def _params_node(like_params: Any):
     """A predicate for subtrees of an optimiser state that are shaped like ``like_params``."""
-    if isinstance(like_params, (eqx.Module, nnx.State)):
+    if isinstance(like_params, (eqx.Module, nnx.State, StateDict)):
         cls = type(like_params)
         return lambda x: isinstance(x, cls)
     if is_flax_variables(plain(like_params)):
@@ -150,6 +151,10 @@ def opt_state_from_functional(opt_state: Any, like_opt_state: Any, like_params: 
                               names: Mapping[str, str] | None = None, flatten: Mapping[str, Any] | None = None) -> Any:
     """``like_opt_state`` filled from a functional ``opt_state`` of the same optimiser."""
     is_params = _params_node(like_params)
+    from pureflax.compat.convert import torch_optim
+
+    if isinstance(opt_state, torch_optim.TorchOptimizer):  # torch's, moments functional: laid out as like's optax state
+        opt_state = torch_optim.as_optax(opt_state, like_opt_state, is_params)
 
     def fill_one(like: Any, source: Any) -> Any:
         if is_params(like):

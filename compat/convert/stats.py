@@ -19,6 +19,7 @@ from flax import nnx
 
 from pureflax.compat.convert import layouts, leaves
 from pureflax.compat.convert.params import collect, fill
+from pureflax.compat.convert.pytorch import StateDict
 from pureflax.compat.convert.trees import (
     ConversionError, Path, check_leaf, get, has_leaves, leaf_paths, like_frozen, no_extra, plain, put,
 )
@@ -205,6 +206,8 @@ def state_to_functional(model_state: Any, model: Any = None, *, names: Mapping[s
         if not isinstance(model, eqx.Module):
             raise ConversionError("an eqx.nn.State converts with the Equinox module that indexes it: pass model=")
         return eqx_to_functional(model_state, model, names)
+    if isinstance(model_state, StateDict):  # its running statistics; num_batches_tracked is not Flax's
+        return collect(model_state, leaves.table(model_state, names, strict=False))
     if model_state is None and isinstance(model, eqx.Module):
         return eqx_to_functional(None, model, names)
     if model_state is None and isinstance(model, nnx.Module):
@@ -244,6 +247,8 @@ def state_from_functional(tree: Mapping, like_state: Any, model: Any = None, *,
             raise ConversionError("an eqx.nn.State is filled with the Equinox module that indexes it: pass model=")
         used = {"/".join(path) for _, path, _ in eqx_field_stats(model, names)}
         return eqx_from_functional(tree, like_state, model, names, used)
+    if isinstance(like_state, StateDict):
+        return fill(tree, like_state, leaves.table(like_state, names, strict=False))
     if like_state is None and isinstance(model, nnx.Module):
         like_state = nnx.state(model, nnx.BatchStat)
     if isinstance(like_state, nnx.State):

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pureflax.compat.convert import layouts, leaves
+from pureflax.compat.convert import layouts, leaves, pytorch
 from pureflax.compat.convert.layers import nnx_modules
 
 
@@ -85,6 +85,8 @@ def watched(model: Any, call: Callable[[Any, Any], Any], x: Any, values: dict | 
     with ``values`` (a dict) each layer's output is collected into it, by path.
     """
     order: list[str] = []
+    if pytorch.is_module(model):
+        return _torch_watched(model, call, x, order, values), order
     if isinstance(model, nn.Module):
         with _linen(order, values):
             return call(model, x), order
@@ -96,8 +98,31 @@ def watched(model: Any, call: Callable[[Any, Any], Any], x: Any, values: dict | 
     return out, order
 
 
+def _torch_watched(model: Any, call: Callable, x: Any, order: list[str], values: dict | None) -> Any:
+    """A torch module's layers watched through forward hooks."""
+    def hook(path: str):
+        def record(module, inputs, out):
+            if path not in order:
+                order.append(path)
+                if values is not None:
+                    values[path] = [out.detach().cpu().numpy()]
+        return record
+
+    handles = [m.register_forward_hook(hook(path.replace(".", "/"))) for path, m in model.named_modules()
+               if pytorch.settings_of(m) is not None]
+    try:
+        return call(model, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def call_order(model: Any, call: Callable[[Any, Any], Any], x: Any) -> list[str]:
-    """The paths of ``model``'s layers in the order ``call(model, x)`` calls them, traced abstractly."""
+    """The paths of ``model``'s layers in the order ``call(model, x)`` calls them, traced abstractly (torch: run)."""
+    if pytorch.is_module(model):
+        import copy
+
+        return watched(copy.deepcopy(model).eval(), call, x)[1]
     if isinstance(model, nnx.Module):
         graphdef, state = nnx.split(model)  # a copy traced: a call may write its statistics
         box: list = []
