@@ -98,6 +98,36 @@ class ResNet(nn.Module):
 ResNet18 = partial(ResNet, stage_sizes=[2, 2, 2, 2], block_cls=ResNetBlock)
 
 
+# Flax's ResNet above with torch's paddings, for torchvision's weights: every convolution pads
+# (k - 1) // 2 on each side (3x3: 1, 1x1: 0, 7x7: 3) and the max pool ((1, 1), (1, 1)), where
+# Linen's 'SAME' at stride 2 would pad (0, 1). Its layers and names are Flax's.
+class TorchPaddedConv(nn.Conv):
+    def __post_init__(self):
+        if self.padding == "SAME":
+            object.__setattr__(self, "padding", tuple(((k - 1) // 2,) * 2 for k in self.kernel_size))
+        super().__post_init__()
+
+
+class TorchPaddedResNet(ResNet):
+    conv: ModuleDef = TorchPaddedConv
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv = partial(self.conv, use_bias=False, dtype=self.dtype)
+        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       dtype=self.dtype, axis_name="batch")
+        x = nn.relu(norm(name="bn_init")(conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for i, block_size in enumerate(self.stage_sizes):
+            for j in range(block_size):
+                strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+                x = self.block_cls(self.num_filters * 2**i, strides=strides, conv=conv, norm=norm, act=self.act)(x)
+        return jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype)(jnp.mean(x, axis=(1, 2))), self.dtype)
+
+
+TorchPaddedResNet18 = partial(TorchPaddedResNet, stage_sizes=[2, 2, 2, 2], block_cls=ResNetBlock)
+
+
 # --- Equinox ---------------------------------------------------------------------------------
 # patrick-kidger/equinox docs/examples/mnist.ipynb, class CNN: the docs' `layers` list and loop,
 # but the Linen CNN's architecture (same function; ravel flattens C, H, W). One example (1, 28, 28).

@@ -117,7 +117,8 @@ def _prepare(source: Any, like: Any, example: Any, call: Calls | None, names: Ma
 
 
 def migrate(source: Any, like: Any, *, example: Any = None, call: Calls | None = None, names: Mapping[str, str] | None = None,
-            flatten: Mapping[str, Any] | None = None, tolerance: float = 1e-4) -> Any:
+            flatten: Mapping[str, Any] | None = None, tolerance: float = 1e-4, expected: Any = None,
+            settings: str = "check") -> Any:
     """``source`` in ``like``'s form: layers matched by structure, settings compared, outputs verified on ``example``.
 
     Args:
@@ -134,6 +135,11 @@ def migrate(source: Any, like: Any, *, example: Any = None, call: Calls | None =
         flatten: ``{Dense path (either side): (H, W, C)}`` of the feature map flattened before it,
             where one side flattens channels first and the other last.
         tolerance: the largest output difference accepted, relative to the source's largest output.
+        expected: the source's outputs on ``example``, for a source that cannot run here (a torch state_dict
+            without its module): the target's are compared with them.
+        settings: ``"check"``; or ``"trust"``, to accept layers whose settings cannot be seen on one side
+            (a bare state_dict, Linen variables) and a target that cannot be run (a state_dict without
+            torch): the example, if given, still orders the calls.
 
     Returns:
         A new object of ``like``'s form holding ``source``'s values, optimiser state and model state included.
@@ -146,25 +152,27 @@ def migrate(source: Any, like: Any, *, example: Any = None, call: Calls | None =
     unsettled = _unsettled(found, sources, targets, (declares_hwc(source), declares_hwc(like)))
     known = _user_flatten(found, dict(flatten or {}), unsettled)
     open_pairs = [(pair, channels, first) for pair, channels, first in unsettled if pair.target.path not in known]
-    if example is None:
-        _refuse_unproven(found, open_pairs)
+    if settings not in ("check", "trust"):
+        raise ConversionError(f"settings={settings!r}: pass 'check' or 'trust'")
+    if example is None or checks.runnable(like) is None:  # nothing will show the outputs: nothing may be guessed
+        _refuse_unproven(found, open_pairs, trust=settings == "trust")
     _refuse_dropped_optimiser(source, like)
     choices = [[(c, first) for c in _flatten_candidates(pair, channels)] for pair, channels, first in open_pairs]
     error = None
     for combo in itertools.islice(itertools.product(*choices), 64):
         flattens = dict(known) | {pair.target.path: choice for (pair, _, _), choice in zip(open_pairs, combo)}
         moved = _move(source, like, found, flattens)
-        if example is None:
-            return moved
+        if example is None or (settings == "trust" and checks.runnable(moved) is None):
+            return moved  # nothing to run the target on: the example ordered the calls, the settings are trusted
         try:
-            _verify(found, source, moved, example, call, (source_first, target_first), tolerance)
+            _verify(found, source, moved, example, call, (source_first, target_first), tolerance, expected)
             return moved
         except ConversionError as err:
             error = error or err
     raise error
 
 
-def _refuse_unproven(found: Plan, open_pairs: list) -> None:
+def _refuse_unproven(found: Plan, open_pairs: list, trust: bool) -> None:
     """Without an example: what only outputs could prove is refused, naming what settles it."""
     refuse_unconfirmed(found)
     if open_pairs:
@@ -174,12 +182,13 @@ def _refuse_unproven(found: Plan, open_pairs: list) -> None:
             f"channels first and the other last: pass example= (a batch as the source takes it) to settle it by the "
             f"outputs, or flatten={{{pair.target.path!r}: (H, W, C)}}")
     unseen = [p for p in found.pairs if p.source.kind in _SETTINGS_MATTER and p.checked in ("not visible", "-")]
-    if unseen:
+    if unseen and not trust:
         side = found.source_form if unseen[0].source.settings is None else found.target_form
         raise ConversionError(
             f"{unseen[0].source.path} -> {unseen[0].target.path}: the {side} side's layer settings (padding, strides, momentum) "
             "cannot be seen: pass example= so both models' outputs are compared (a Linen source as a bound module, "
-            "module.bind(variables), shows its settings then too)")
+            "module.bind(variables), shows its settings then too; a torch state_dict with its nn.Module, or with "
+            "expected=, its outputs on the example), or settings='trust' if you know they agree")
 
 
 def _refuse_dropped_optimiser(source: Any, like: Any) -> None:
@@ -247,15 +256,17 @@ def running(side: str, fn: Callable[[], Any]) -> Any:
 
 
 def _verify(found: Plan, source: Any, moved: Any, example: Any, call: Calls | None, firsts: tuple[bool, bool],
-            tolerance: float) -> float:
+            tolerance: float, expected: Any = None) -> float:
     a, b = checks.runnable(source), checks.runnable(moved)
-    if a is None or b is None:
-        side = "source" if a is None else "target"
-        raise ConversionError(f"example=: the {side} is plain arrays and cannot be run: pass a module (Linen: module.bind(variables))")
+    if (a is None and expected is None) or b is None:
+        side = "source" if b is not None else "target"
+        raise ConversionError(f"example=: the {side} is plain arrays and cannot be run: pass a module (Linen: "
+                              "module.bind(variables); torch: the nn.Module)" + (", or expected=, the source's outputs on the "
+                                                                                "example" if side == "source" else ""))
     if call is None:
-        a, b = checks.inference(a), checks.inference(b)
+        a, b = (checks.inference(a) if a is not None else None), checks.inference(b)
     calls = call or (checks.default_call, checks.default_call)
-    y_source = running("source", lambda: trace.outputs(a, calls[0], example))
+    y_source = (expected, {}) if expected is not None else running("source", lambda: trace.outputs(a, calls[0], example))
     y_target = running("target", lambda: trace.outputs(b, calls[1], checks.move_channels(example, firsts[0], firsts[1])))
     return checks.compare_outputs(found, y_source, y_target, firsts, tolerance)
 

@@ -81,9 +81,8 @@ def is_state_dict(x: Any) -> bool:
 
 
 def _array(v: Any) -> Any:
-    if is_tensor(v):
-        return jnp.asarray(v.detach().cpu().numpy())
-    return v if isinstance(v, jax.ShapeDtypeStruct) else jnp.asarray(v)
+    """numpy for torch's tensors; numpy and JAX arrays as they are (an int64 counter stays int64)."""
+    return v.detach().cpu().numpy() if is_tensor(v) else v
 
 
 def state_dict_of(obj: Any) -> StateDict:

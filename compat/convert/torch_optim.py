@@ -54,6 +54,13 @@ def from_torch(opt: Mapping, sd: StateDict) -> TorchOptimizer:
         raise ConversionError(f"the torch optimiser holds {len(indices)} parameters, the state_dict {len(keys)} "
                               f"({keys[:4]}...): was it made for this model's parameters()?")
     state = opt["state"]
+    for k, i in zip(keys, indices):
+        for name, value in state.get(i, {}).items():
+            if name in _MOMENTS and tuple(np.shape(value)) != tuple(np.shape(sd[k])):
+                raise ConversionError(
+                    f"the torch optimiser's parameter {i} has {name} of shape {tuple(np.shape(value))}, but the state_dict's "
+                    f"parameter {i} ({k}) has shape {tuple(np.shape(sd[k]))}: its keys are not in model.parameters() order "
+                    "(a .safetensors file sorts them): pass model.state_dict() itself, in torch's order")
     names = sorted({name for entry in state.values() for name in entry if name in _MOMENTS})
     moments = {}
     for name in names:
@@ -67,15 +74,15 @@ def from_torch(opt: Mapping, sd: StateDict) -> TorchOptimizer:
 
 def _compare(hyper: Mapping[str, Any], group: Mapping[str, Any]) -> None:
     for name, read in _HYPER.items():
-        if name not in hyper:
-            continue
+        if name not in hyper or isinstance(hyper[name], (jax.ShapeDtypeStruct, jax.core.Tracer)):
+            continue  # not shown, or only its shape (a like made from shapes)
         try:
             theirs = float(read(group))
         except (KeyError, TypeError):
             continue
         ours = float(np.asarray(hyper[name]))
         if not np.isclose(ours, theirs, rtol=1e-6, atol=0):
-            raise ConversionError(f"optimiser: {name} is {theirs!r} in torch's param_groups and {ours!r} in optax's state: "
+            raise ConversionError(f"optimiser: {name} is {theirs:.6g} in torch's param_groups and {ours:.6g} in optax's state: "
                                   "they would take different steps; build the optax optimiser with the same value (torch "
                                   "AdamW's default weight_decay is 0.01, optax's 1e-4)")
 
@@ -100,7 +107,7 @@ def as_optax(opt: TorchOptimizer, like: Any, is_params: Callable[[Any], bool]) -
                                               f"no {moment} (its moments: {sorted(opt.moments) or 'none'}): another optimiser?")
                     fields[field] = opt.moments[moment]
                     used.add(moment)
-            if hasattr(x, "count"):
+            if "count" in x._fields:  # (a tuple's .count is a method)
                 fields["count"] = jnp.asarray(opt.step, np.dtype(x.count.dtype))
             return x._replace(**fields)
         if is_params(x):
@@ -129,7 +136,7 @@ def optax_moments(opt_state: Any) -> tuple[Any, dict[str, Any], Any]:
             for moment, (state, field) in _MOMENTS.items():
                 if state == type(x).__name__:
                     moments[moment] = getattr(x, field)
-            if hasattr(x, "count"):
+            if "count" in x._fields:  # (a tuple's .count is a method)
                 step = x.count
     return step, moments, hyper
 
