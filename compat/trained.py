@@ -280,7 +280,8 @@ def migrate(source: Any, like: Any, **options: Any) -> Any:
     Args:
         source: a model in any form (Linen variables, a bound Linen module or a Flax ``TrainState``;
             an NNX module or ``(model, nnx.Optimizer)``; an Equinox module, ``(model, eqx.nn.State)``
-            or ``(model, opt_state)``; functional params or a ``pureflax.TrainState``), or the path of
+            or ``(model, opt_state)``; functional params or a ``pureflax.TrainState``; a torch state_dict,
+            ``nn.Module`` or ``(state_dict, optimizer.state_dict())``), a ``.safetensors``/``.pt`` file, or the path of
             an orbax checkpoint written the tutorial's way (``ocp.PyTreeCheckpointer().save(path, params)``,
             or of a Flax ``TrainState``: ``step``, ``params``, ``opt_state``).
         like: an instance of the form wanted; for a train state its optimiser gives the optimiser
@@ -296,7 +297,11 @@ def migrate(source: Any, like: Any, **options: Any) -> Any:
         pureflax.compat.ConversionError: layers that cannot be matched, shapes, dtypes or settings
             that differ, or outputs on ``example`` that do.
     """
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, Path)) and Path(source).suffix in (".safetensors", ".pt", ".pth"):
+        from pureflax.compat.convert import pytorch
+
+        source = pytorch.load_file(str(source))  # torch's flat keys; a .pt only through torch.load(weights_only=True)
+    elif isinstance(source, (str, Path)):
         source = _read_tutorial_checkpoint(Path(source), like)
     return convert.migrate(source, like, **options)
 

@@ -176,3 +176,90 @@ def test_hyperparameters_that_differ_are_refused_naming_both():
                                          batch_stats=variables["batch_stats"])
     with pytest.raises(ConversionError, match=r"weight_decay is 0.01 in torch's param_groups and 0.0001 in optax's"):
         migrate((params, opt), like, example=x, expected=y, call=(not_run, linen_eval))
+
+
+# ---------------------------------------------------------- live: torch itself runs
+
+
+@pytest.fixture(scope="module")
+def torch_resnet(resnet):
+    """torch's own ResNet18 (tests/torch_models.py) holding the fixture's state_dict."""
+    torch = pytest.importorskip("torch")
+    from torch_models import ResNet18 as TorchResNet18
+
+    model = TorchResNet18(num_classes=10, width=8)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in resnet[0].items()}, strict=True)
+    return torch, model.eval()
+
+
+def test_torch_loads_the_exported_state_dict_strictly_and_computes_its_own_outputs(resnet, torch_resnet):
+    torch, model = torch_resnet
+    _, x, y = resnet
+    linen = migrate(model, linen_resnet(TorchPaddedResNet18(num_classes=10, num_filters=8), x), example=x, call=(None, linen_eval))
+    exported = migrate(linen, model, example=nhwc(x), call=(linen_eval, None))  # torch's module as like: a new one comes back
+    assert isinstance(exported, torch.nn.Module) and exported is not model
+    assert list(exported.state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        np.testing.assert_array_equal(exported.eval()(torch.from_numpy(x)).numpy(), y)  # the same bits in, torch's outputs out
+
+
+def test_with_the_torch_module_given_linens_same_padding_is_refused_naming_it(resnet, torch_resnet):
+    _, model = torch_resnet
+    _, x, _ = resnet
+    with pytest.raises(ConversionError, match=r"ResNetBlock_2/Conv_0: padding is \(\(1, 1\), \(1, 1\)\) in the source .* 'SAME'"):
+        migrate(model, linen_resnet(ResNet18(num_classes=10, num_filters=8), x), example=x, call=(None, linen_eval))
+
+
+class LinenDecoder(nn.Module):  # torch_models.Decoder in Linen, its (C, H, W) reshape kept as torch's
+    @nn.compact
+    def __call__(self, labels):
+        h = nn.Dense(64)(nn.LayerNorm(epsilon=1e-5)(nn.Embed(10, 8)(labels)))
+        h = h.reshape((-1, 4, 4, 4)).transpose(0, 2, 3, 1)
+        return nn.GroupNorm(num_groups=1, epsilon=1e-5)(nn.ConvTranspose(2, (3, 3), strides=(2, 2), padding=((1, 2), (1, 2)))(h))
+
+
+def test_embedding_layer_norm_conv_transpose_and_group_norm_from_torch():
+    torch = pytest.importorskip("torch")
+    from torch_models import Decoder
+
+    io = np.load(FIXTURES / "decoder_io.npz")
+    found = load_file(FIXTURES / "decoder.safetensors")
+    model = Decoder()
+    model.load_state_dict({str(k): torch.from_numpy(found[str(k)]) for k in io["keys"]}, strict=True)
+    labels = io["x"]
+    like = LinenDecoder().bind(LinenDecoder().init(KEY, jnp.asarray(labels)))
+    linen = migrate(model.eval(), like, example=labels)
+    assert relative(linen(jnp.asarray(labels)).transpose(0, 3, 1, 2), io["y"]) < 1e-5
+    printed = str(convert.plan(model, like, example=labels))
+    assert "spatially flipped" in printed or "permuted" in printed
+    with pytest.raises(ConversionError, match=r"epsilon is 1e-05 in the source .* 1e-06 in the target"):
+        migrate(model, LinenDecoderDefaultEps().bind(LinenDecoderDefaultEps().init(KEY, jnp.asarray(labels))), example=labels)
+
+
+class LinenDecoderDefaultEps(nn.Module):  # Flax's LayerNorm default epsilon 1e-6 against torch's 1e-5
+    @nn.compact
+    def __call__(self, labels):
+        h = nn.Dense(64)(nn.LayerNorm()(nn.Embed(10, 8)(labels)))
+        h = h.reshape((-1, 4, 4, 4)).transpose(0, 2, 3, 1)
+        return nn.GroupNorm(num_groups=1, epsilon=1e-5)(nn.ConvTranspose(2, (3, 3), strides=(2, 2), padding=((1, 2), (1, 2)))(h))
+
+
+def test_a_pt_file_loads_through_torch_load_weights_only(tmp_path, resnet, torch_resnet):
+    torch, model = torch_resnet
+    torch.save(model.state_dict(), tmp_path / "resnet18.pt")
+    sd, x, y = resnet
+    linen = migrate(str(tmp_path / "resnet18.pt"), linen_resnet(TorchPaddedResNet18(num_classes=10, num_filters=8), x),
+                    example=x, expected=y, call=(not_run, linen_eval))
+    assert relative(linen_eval(linen, nhwc(x)), y) < 1e-4
+
+
+def test_a_safetensors_files_sorted_keys_are_not_taken_for_torchs_order(resnet, tmp_path):
+    from safetensors.numpy import save_file
+
+    sd, x, y = resnet
+    save_file(sd, tmp_path / "resnet18.safetensors")
+    like = linen_resnet(TorchPaddedResNet18(num_classes=10, num_filters=8), x)
+    with pytest.raises(ConversionError, match="only the outputs can confirm"):
+        migrate(tmp_path / "resnet18.safetensors", like, settings="trust")
+    linen = migrate(tmp_path / "resnet18.safetensors", like, example=x, expected=y, call=(not_run, linen_eval))  # outputs confirm
+    assert relative(linen_eval(linen, nhwc(x)), y) < 1e-4

@@ -21,7 +21,7 @@ from pureflax.compat.convert.layers import Layer
 from pureflax.compat.convert.plan import Pair, Plan, match, refuse_unconfirmed
 from pureflax.compat.convert.trees import ConversionError
 
-Calls = tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]
+Calls = tuple[Callable[[Any, Any], Any] | None, Callable[[Any, Any], Any] | None]
 _SETTINGS_MATTER = ("Conv", "ConvTranspose", "LayerNorm", "GroupNorm", "BatchNorm", "Conv|ConvTranspose", "LayerNorm|GroupNorm")
 
 
@@ -104,7 +104,7 @@ def plan(source: Any, like: Any, *, example: Any = None, call: Calls | None = No
 
 
 def _prepare(source: Any, like: Any, example: Any, call: Calls | None, names: Mapping[str, str] | None):
-    calls = call or (checks.default_call, checks.default_call)
+    calls = tuple(fn or checks.default_call for fn in (call or (None, None)))
     sources = running("source", lambda: checks.side_layers(source, example, calls[0]))
     source_first = checks.channels_first(sources)
     targets = checks.side_layers(like)
@@ -129,8 +129,8 @@ def migrate(source: Any, like: Any, *, example: Any = None, call: Calls | None =
         example: a batch as the source takes it. Both models then run after the conversion (its
             channels moved for a form whose convolutions take them first) and must agree within
             ``tolerance``; it also settles a flatten order and confirms a match by shape.
-        call: ``(source_fn, like_fn)``, each ``fn(model, batch)``, where a plain call does not fit
-            (``train=False``, a state argument); Equinox's default is ``jax.vmap(model)(batch)``.
+        call: ``(source_fn, like_fn)``, each ``fn(model, batch)`` (``None``: that side's default), where a
+            plain call does not fit (``train=False``, a state argument); Equinox's default is ``jax.vmap(model)(batch)``.
         names: ``{target layer path: source layer path}`` pinning pairs the match cannot settle.
         flatten: ``{Dense path (either side): (H, W, C)}`` of the feature map flattened before it,
             where one side flattens channels first and the other last.
@@ -219,7 +219,7 @@ def _with_kinds(obj: Any, kinds: Mapping[str, str]) -> Any:
 
 
 def _told(sd: Any, kinds: Mapping[str, str]) -> Any:
-    return pytorch.StateDict(sd, {**sd.kinds, **kinds}, sd.module, sd.tensors)
+    return pytorch.StateDict(sd, {**sd.kinds, **kinds}, sd.module, sd.tensors, sd.ordered)
 
 
 def _told_kinds(found: Plan) -> tuple[dict[str, str], dict[str, str]]:
@@ -263,9 +263,10 @@ def _verify(found: Plan, source: Any, moved: Any, example: Any, call: Calls | No
         raise ConversionError(f"example=: the {side} is plain arrays and cannot be run: pass a module (Linen: "
                               "module.bind(variables); torch: the nn.Module)" + (", or expected=, the source's outputs on the "
                                                                                 "example" if side == "source" else ""))
-    if call is None:
-        a, b = (checks.inference(a) if a is not None else None), checks.inference(b)
-    calls = call or (checks.default_call, checks.default_call)
+    given = call or (None, None)  # a side without its own call runs the default way, in inference mode
+    a = checks.inference(a) if a is not None and given[0] is None else a
+    b = checks.inference(b) if given[1] is None else b
+    calls = tuple(fn or checks.default_call for fn in given)
     y_source = (expected, {}) if expected is not None else running("source", lambda: trace.outputs(a, calls[0], example))
     y_target = running("target", lambda: trace.outputs(b, calls[1], checks.move_channels(example, firsts[0], firsts[1])))
     return checks.compare_outputs(found, y_source, y_target, firsts, tolerance)

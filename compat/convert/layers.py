@@ -41,6 +41,7 @@ class Layer(NamedTuple):
     settings: dict[str, Any] | None  # in Flax's terms; None where they cannot be seen
     row: Layout | None  # its row of LAYOUTS; None for a dict layer
     order: int  # call order where it was traced, else definition order
+    keyed: bool = False  # its order is a mapping's keys', which may have been sorted (not defined, not called)
 
 
 def _record(path: str, default: Path, row: Layout, module: Any, shapes: tuple, order: int) -> Layer:
@@ -119,7 +120,7 @@ def dict_layers(params: Mapping, model_state: Mapping | None = None) -> list[Lay
             has_stats = _get(stats, parts) is not None
             kind = _dict_kind(parts[-1] if parts else "", node, has_stats)
             shapes = tuple((name, tuple(np.shape(v))) for name, v in node.items())
-            found.append(Layer("/".join(parts), parts, kind, shapes, None, None, len(found)))
+            found.append(Layer("/".join(parts), parts, kind, shapes, None, None, len(found), keyed=True))
             return
         for name, value in node.items():
             if isinstance(value, Mapping):
@@ -176,5 +177,5 @@ def torch_layers(sd: Any) -> list[Layer]:
                        for attr, name, rule in row.params if attr in arrays)
         module = modules.get(path.replace("/", "."))
         found.append(Layer(path, pytorch.default_path(path), kind, shapes,
-                           pytorch.settings_of(module) if module is not None else None, row, len(found)))
+                           pytorch.settings_of(module) if module is not None else None, row, len(found), keyed=not sd.ordered))
     return found

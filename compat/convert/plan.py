@@ -83,10 +83,10 @@ def _refuse(kind: str, sources: list[Layer], targets: list[Layer], why: str) -> 
 
 
 def _order_how(source: Layer, target: Layer, sources: list[Layer], targets: list[Layer]) -> str:
-    """'order', or 'keys' where a side is a plain dict (its keys' order may be sorted, not called) with
+    """'order', or 'keys' where a side's order is a mapping's keys (perhaps sorted, not called) with
     other layers of this kind and shape: then only outputs or names= can confirm the pair."""
     for layer, side in ((source, sources), (target, targets)):
-        if layer.row is None and sum(_shapes(other) == _shapes(layer) for other in side) > 1:
+        if layer.keyed and sum(_shapes(other) == _shapes(layer) for other in side) > 1:
             return "keys"
     return "order"
 

@@ -35,22 +35,25 @@ class StateDict(dict):
     """A torch state_dict inside the converter: arrays by dotted key, in torch's order, and what is known of its layers."""
 
     def __init__(self, arrays: Mapping[str, Any], kinds: Mapping[str, str] | None = None, module: Any = None,
-                 tensors: bool = False):
+                 tensors: bool = False, ordered: bool | None = None):
         super().__init__(arrays)
+        # torch's own order (a module's, torch.save's) or perhaps sorted (safetensors sorts; so may a dict's maker)
+        self.ordered = (module is not None or list(arrays) != sorted(arrays)) if ordered is None else ordered
         self.kinds = dict(kinds or {})  # layer path -> kind, where a module or a match tells
         self.module = module  # the nn.Module it came from, if any (its settings)
         self.tensors = tensors  # it came as torch tensors: it goes back as them
 
     def tree_flatten_with_keys(self):
-        return [(jax.tree_util.DictKey(k), v) for k, v in self.items()], (tuple(self), self.kinds, self.module, self.tensors)
+        aux = (tuple(self), self.kinds, self.module, self.tensors, self.ordered)
+        return [(jax.tree_util.DictKey(k), v) for k, v in self.items()], aux
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        keys, kinds, module, tensors = aux
-        return cls(dict(zip(keys, children)), kinds, module, tensors)
+        keys, kinds, module, tensors, ordered = aux
+        return cls(dict(zip(keys, children)), kinds, module, tensors, ordered)
 
     def replace(self, arrays: Mapping[str, Any]) -> StateDict:
-        return StateDict(arrays, self.kinds, self.module, self.tensors)
+        return StateDict(arrays, self.kinds, self.module, self.tensors, self.ordered)
 
 
 def torch_module():
@@ -219,7 +222,7 @@ def load_file(path: str) -> StateDict:
     if str(path).endswith(".safetensors"):
         from safetensors.numpy import load_file as load
 
-        return state_dict_of(load(str(path)))
+        return StateDict(state_dict_of(load(str(path))), ordered=False)  # its keys come back sorted
     if importlib.util.find_spec("torch") is None:
         raise ConversionError(f"{path}: a torch file loads only with torch installed (pip install torch), through "
                               "torch.load(weights_only=True); or save it as .safetensors")

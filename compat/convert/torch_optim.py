@@ -65,7 +65,7 @@ def from_torch(opt: Mapping, sd: StateDict) -> TorchOptimizer:
     moments = {}
     for name in names:
         moments[name] = StateDict({k: _np(state[i][name]) if i in state else jnp.zeros_like(sd[k])
-                                   for k, i in zip(keys, indices)}, sd.kinds)
+                                   for k, i in zip(keys, indices)}, sd.kinds, ordered=sd.ordered)
     steps = {int(_np(entry["step"])) for entry in state.values() if "step" in entry}
     if len(steps) > 1:
         raise ConversionError(f"the torch optimiser's parameters took different numbers of steps ({sorted(steps)}): optax counts one")
