@@ -10,6 +10,7 @@ docs/ is tested without editing this file.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 import sys
@@ -26,6 +27,8 @@ from pureflax.compat.convert import LAYOUTS
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = sorted(DOCS.glob("*.md")) + [DOCS.parent / "README.md"]  # the README's examples run too
 SKIP_MARK = "<!-- not executed -->"
+TORCH_MARK = "<!-- needs torch -->"  # run where torch is installed (as CI installs it), skipped elsewhere
+HAS_TORCH = importlib.util.find_spec("torch") is not None
 FENCE = re.compile(r"^(`{3,}|~{3,})\s*([\w+-]*)")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 SHELL_LANGS = {"bash", "sh", "shell", "console", ""}  # "": an unlabelled block (usage lines, transcripts)
@@ -63,7 +66,8 @@ def python_blocks(text: str) -> list[Block]:
         if i == len(lines):
             raise ValueError(f"line {start + 1}: a code fence is never closed")
         i += 1  # past the closing fence
-        skipped = start > 0 and lines[start - 1].strip() == SKIP_MARK
+        mark = lines[start - 1].strip() if start > 0 else ""
+        skipped = mark == SKIP_MARK or (mark == TORCH_MARK and not HAS_TORCH)
         if lang == "python" and not skipped:
             blocks.append(Block(len(blocks) + 1, start + 1, "\n".join(body) + "\n"))
     return blocks
