@@ -145,8 +145,16 @@ def test_torch_optimiser_state_continues_in_optax_as_torch_would(name):
     stepped = jax.jit(third_step)(flax_state, nhwc(x))
     torch_after = migrate(after, bound_like, settings="trust", flatten={"fc": (4, 4, 4)}).variables["params"]  # torch's 3rd step
     assert max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(relative, stepped.params, torch_after))) < 1e-5
-    # and into NNX's (model, optimizer), and back to torch's state_dicts, bit for bit
+    # straight into NNX's (model, optimizer): its own update takes torch's third step too
     model = NNXSmallCNN(nnx.Rngs(0))
+    pair = migrate((params, opt), (model, nnx.Optimizer(model, tx, wrt=nnx.Param)), example=x, expected=y, call=(not_run, nnx_eval))
+    nnx_model, optimizer = pair
+    nnx_model.train()
+    optimizer.update(nnx_model, nnx.grad(lambda m: jnp.mean(m(nhwc(x)) ** 2))(nnx_model))
+    nnx_after = migrate(after, NNXSmallCNN(nnx.Rngs(0)), settings="trust", flatten={"fc": (4, 4, 4)})
+    assert max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(relative, nnx.state(nnx_model, nnx.Param),
+                                                                nnx.state(nnx_after, nnx.Param)))) < 1e-5
+    # and back to torch's state_dicts, bit for bit
     pair = migrate(flax_state, (model, nnx.Optimizer(model, tx, wrt=nnx.Param)), example=nhwc(x), call=(linen_eval, nnx_eval))
     back_params, back_opt = migrate(pair, (params, opt), settings="trust", flatten={"fc": (4, 4, 4)})
     assert list(back_params) == list(params)
