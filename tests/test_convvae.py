@@ -170,23 +170,16 @@ def test_load_gives_each_form_with_its_statistics(form, runs, inputs):
 # ------------------------------------------------------------------ old checkpoints, settings
 
 
-def test_an_mlp_checkpoint_written_before_model_state_existed_restores(tmp_path):
-    """The three items every checkpoint held before: restored into today's TrainState, model_state {}."""
+def test_an_mlp_checkpoint_holds_exactly_step_params_and_opt_state(tmp_path):
+    """A model without state saves no model_state item, and restores into a TrainState whose model_state is {}."""
     config = vae.VAEConfig(latent_dim=2, encoder_dimensions=(8,), decoder_dimensions=(8, 784))
     tx = optax.adam(1e-3)
     state = TrainState.create(vae.init(jax.random.key(0), config), tx)
-    import orbax.checkpoint as ocp
-
-    with checkpoint.manager(tmp_path) as mgr:  # what checkpoint.save_with wrote before this version
-        tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-        mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave({})))
-        mgr.wait_until_finished()
-    restored = checkpoint.restore(tmp_path, TrainState.create(vae.init(jax.random.key(1), config), tx))
-    assert restored.model_state == {}
-    assert _max_diff(restored.params, state.params) == 0.0
-    # and today's MLP checkpoints are those same three items
     checkpoint.save(tmp_path / "now", state)
     assert set(checkpoint.restore_raw(tmp_path / "now")) == {"step", "params", "opt_state"}
+    restored = checkpoint.restore(tmp_path / "now", TrainState.create(vae.init(jax.random.key(1), config), tx))
+    assert restored.model_state == {}
+    assert _max_diff(restored.params, state.params) == 0.0
 
 
 def test_resuming_with_another_model_is_refused_in_one_line_naming_the_flag():

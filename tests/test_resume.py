@@ -42,10 +42,11 @@ def data(tmp_path_factory):
 
 
 def args_for(data, out, *extra, pictures=False):
-    """train.py's flags for these runs; the pictures only where a test looks at them."""
-    return ["--data", str(data), "--out", str(out), "--batch-size", "8", "--epochs", "3", "--log-every", "4",
-            "--ckpt-every", "10", "--latent-dim", "8", "--no-compile-cache", *([] if pictures else ["--no-pictures"]),
-            *map(str, extra)]
+    """train.py's flags for these runs, a flag in ``extra`` replacing its value here; the pictures only where a test looks."""
+    extra = list(map(str, extra))
+    base = {"--data": data, "--out": out, "--batch-size": 8, "--epochs": 3, "--log-every": 4, "--ckpt-every": 10, "--latent-dim": 8}
+    flags = [str(x) for flag, value in base.items() if flag not in extra for x in (flag, value)]
+    return [*flags, "--no-compile-cache", *([] if pictures else ["--no-pictures"]), *extra]
 
 
 def cli(capsys, args):
@@ -288,7 +289,7 @@ def test_resume_with_a_setting_that_changes_the_saved_state_is_refused_and_sets_
         data, crashed, reference, capsys, flags, named):
     out = crashed
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
-    code, _, err = cli(capsys, [*args_for(data, out, "--resume"), *flags])
+    code, _, err = cli(capsys, args_for(data, out, "--resume", *flags))
     assert code == 2 and named in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
     assert not list((out / "checkpoints").glob("*.damaged*"))
@@ -300,8 +301,8 @@ def test_resume_with_a_setting_that_changes_the_saved_state_is_refused_and_sets_
 
 def test_resume_with_another_lr_kl_weight_or_schedule_continues_and_says_so(data, crashed, capsys):
     out = crashed
-    code, stdout, err = cli(capsys, [*args_for(data, out, "--resume"), "--lr", "3e-4", "--kl-weight", "0.25",
-                                     "--schedule", "linear", "--epochs", "4"])
+    code, stdout, err = cli(capsys, args_for(data, out, "--resume", "--lr", "3e-4", "--kl-weight", "0.25",
+                                             "--schedule", "linear", "--epochs", "4"))
     assert code == 0, err
     for line in ("resume: --lr is 0.0003 from here on (the run had 0.0001)",
                  "resume: --kl-weight is 0.25 from here on (the run had 0.5)",
@@ -323,6 +324,7 @@ def test_resume_with_another_model_names_the_path_and_both_shapes_and_writes_not
     # an older checkpoint records no settings: the shapes still refuse it, and nothing is set aside
     meta = out / "checkpoints" / "10" / "meta" / "metadata"
     meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "settings"}))
+    checkpoint.seal(out / "checkpoints", 10)  # as that version wrote it: sound, verified
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     code, _, err = cli(capsys, args_for(data, out, "--resume", "--latent-dim", "16"))
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
@@ -354,7 +356,8 @@ def test_resume_drops_a_half_written_last_log_line(data, crashed, reference, cap
         file.write('{"epoch": 1, "step": 8, "global_st')
     code, stdout, err = cli(capsys, args_for(data, out, "--resume"))
     assert code == 0, err
-    assert "dropped 1 line(s)" in stdout
+    assert """dropped its last line, cut short by the stop (34 bytes: '{"epoch": 1, "step": 8, "global_st')""" in stdout
+    assert not (out / "metrics.jsonl.damaged").exists()  # only a line in the middle is kept aside
     assert_same_run(out, reference())
 
 
@@ -422,7 +425,7 @@ def test_a_non_finite_loss_keeps_the_last_good_checkpoint_and_saves_nothing_bad(
     bad_step = int(message.split("step ")[1].split(":")[0])
     steps = committed(out)
     assert steps and all(s < bad_step for s in steps)
-    assert f"the last good checkpoint (step {steps[-1]}) is kept" in message
+    assert f"the last verified checkpoint (step {steps[-1]}) is kept" in message
     tree = checkpoint.restore_raw(out / "checkpoints", steps[-1])
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree["params"]))
 
@@ -546,15 +549,17 @@ def test_checkpoints_script_answers_damage_strays_and_bad_paths_in_one_line(data
             path.unlink()
     (out / "checkpoints" / "999").mkdir()  # a stray numbered folder: ignored
     code, listing, err = checkpoints(capsys, "list", out)
-    assert code == 0 and "ignored: 999/" in listing, err
-    for args, message in [(["show", out], "checkpoint step 20"), (["show", out, "--step", 20], "checkpoint step 20"),
-                          (["export", out, tmp_path / "p.npz"], "checkpoint step 20"),
+    assert code == 0 and "ignored: 999/" in listing and "damaged: its file state/" in listing, err
+    for args, message in [(["show", out, "--step", 20], "checkpoint step 20: its file state/"),
+                          (["export", out, tmp_path / "p.npz", "--step", 20], "checkpoint step 20"),
                           (["export", out, tmp_path / "no" / "such" / "p.npz", "--step", 10], "does not exist"),
                           (["show", out, "--step", 999], "not a checkpoint")]:
         code, _, err = checkpoints(capsys, *args)
         assert code == 2 and message in err and err.count("\n") == 1, (args, err)
     code, shown, err = checkpoints(capsys, "show", out, "--step", 10)
     assert code == 0 and "params:" in shown, err
+    code, shown, err = checkpoints(capsys, "show", out)  # no --step: the newest that verifies
+    assert code == 0 and "step 10 in" in shown, err
 
 
 def test_checkpoints_script_show_into_a_closed_pipe_prints_no_traceback(kept_run):

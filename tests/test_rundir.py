@@ -104,13 +104,16 @@ def test_compare_settings_notes_what_only_changes_what_comes_next():
     assert bad and bad[0].startswith("--resume: --data cdcdcdcdcdcdcdcd differs from the run's abababababababab")
 
 
-def test_read_log_drops_lines_cut_short(tmp_path):
+def test_read_log_tells_a_last_line_cut_short_from_damage_in_the_middle(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"global_step": 4, "loss": 1}\n{"global_step": 8, "loss": 2}\n{"test_loss": 1.0}\n{"global_st')
-    rows, bad = rundir.read_log(path)
-    assert bad == 1 and len(rows) == 3
+    path.write_bytes(b'{"global_step": 4, "loss": 1}\n{"global_\xffstep": 8\n{"loss": NaN}\n\n{"test_loss": 1.0}\n{"global_st')
+    rows, damaged, cut = rundir.read_log(path)
+    assert len(rows) == 2 and cut == b'{"global_st'
+    assert damaged == [(2, b'{"global_\xffstep": 8'), (3, b'{"loss": NaN}')]  # NaN is not JSON; a blank line is nothing
     assert rundir.rows_up_to(rows, 4) == [{"global_step": 4, "loss": 1}]  # the final row is written again
-    assert rundir.read_log(tmp_path / "none") == ([], 0)
+    assert rundir.read_log(tmp_path / "none") == ([], [], None)
+    path.write_bytes(b'{"global_step": 4, "loss": 1}')  # a last line whose newline alone was lost: a row
+    assert rundir.read_log(path).rows == [{"global_step": 4, "loss": 1}]
 
 
 def test_a_changed_no_flag_is_noted_as_the_flag_not_the_inverted_setting():

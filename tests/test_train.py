@@ -186,7 +186,7 @@ def test_overwrite_replaces_the_run_and_nothing_else(tiny_data, tmp_path):
     args = ["--data", str(tiny_data), "--out", str(out), "--max-steps", "4", "--batch-size", "8", "--log-every", "2"]
     assert load_script().main(args) == 0
     (out / "notes.txt").write_text("mine")
-    assert load_script().main([*args[:-4], "--max-steps", "2", "--batch-size", "8", "--log-every", "2", "--overwrite"]) == 0
+    assert load_script().main([*args[:-6], "--max-steps", "2", "--batch-size", "8", "--log-every", "2", "--overwrite"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["steps"] == 2 and len(rows) == 2 and checkpoint.all_steps(out / "checkpoints") == [2]
     assert (out / "notes.txt").read_text() == "mine"

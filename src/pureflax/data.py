@@ -619,8 +619,9 @@ def _load_saved(path: Path, fix: str = _SAVED_FIX) -> MNIST:
         _check_rows(path, dsd, record, fix)
     try:
         mnist = mnist_from_datasets(dsd)
-    except DataError as e:
-        raise DataError(f"{path}: {e}; {fix}") from e
+    except DataError as e:  # a user's folder that reads is not damaged but other data; a cache that does not fit is rebuilt
+        wrong = "pass a folder of MNIST (as save_mnist writes it) or another --data" if fix == _SAVED_FIX else fix
+        raise DataError(f"{path}: not MNIST-shaped: {e}; {wrong}") from e
     except _UNREADABLE as e:
         raise DataError(f"{path}: not a readable saved DatasetDict ({_one_line(e)}); {fix}") from e
     if record is not None:

@@ -126,6 +126,34 @@ def freeze_labels(params: Any, freeze: Sequence[str], names: Any | None = None) 
     return jax.tree_util.tree_map(lambda name: "freeze" if _frozen(name, freeze) else "train", names)
 
 
+def notices(config: OptimConfig, total_steps: int, names: Any) -> list[str]:
+    """One line for each setting that does nothing, or less than asked, in a run of ``total_steps``.
+
+    Args:
+        names: the params' functional paths (:func:`param_paths` of the functional params).
+
+    Example:
+        >>> notices(OptimConfig(warmup_steps=10), 100, ["w"])
+        ['warmup-steps 10 does nothing with schedule constant (it is the warmup of schedule warmup)']
+    """
+    found, updates = [], total_steps // config.grad_accum
+    if config.warmup_steps and config.schedule != "warmup":
+        found.append(f"warmup-steps {config.warmup_steps} does nothing with schedule {config.schedule} "
+                     "(it is the warmup of schedule warmup)")
+    if config.schedule == "warmup" and config.warmup_steps >= updates:
+        found.append(f"warmup-steps {config.warmup_steps} is not shorter than the run's {updates} optimiser updates: "
+                     f"the learning rate never reaches lr {config.lr}")
+    if config.end_lr and config.schedule == "constant":
+        found.append(f"end-lr {config.end_lr} does nothing with schedule constant")
+    if total_steps % config.grad_accum:
+        found.append(f"grad-accum {config.grad_accum}: the last {total_steps % config.grad_accum} of the run's {total_steps} "
+                     "steps add gradients that are never applied")
+    paths = list(names)
+    if config.freeze and all(_frozen(path, config.freeze) for path in paths):
+        found.append(f"freeze {','.join(config.freeze)} covers every parameter: the run changes no weight")
+    return found
+
+
 def make_optimizer(
     config: OptimConfig, total_steps: int, params: Any | None = None, names: Any | None = None
 ) -> optax.GradientTransformation:

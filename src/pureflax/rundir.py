@@ -30,6 +30,8 @@ import json
 import os
 import shutil
 import signal
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -61,11 +63,17 @@ class SaveError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived: the run saved a checkpoint at ``step`` and stopped."""
+    """SIGINT or SIGTERM arrived: the run saved a checkpoint at ``step`` and stopped (``saved``), or
+    stopped before taking a step, leaving the folder as it was (a fresh run's as not started)."""
 
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"{signal.Signals(signum).name} at step {step}; saved a checkpoint there")
-        self.signum, self.step = signum, step
+    def __init__(self, signum: int, step: int, saved: bool = True):
+        name = signal.Signals(signum).name
+        if saved:
+            what = f"{name} at step {step}; saved a checkpoint there"
+        else:
+            what = f"{name} before step {step + 1}; " + ("nothing was written" if step == 0 else f"the run is as it was at step {step}")
+        super().__init__(what)
+        self.signum, self.step, self.saved = signum, step, saved
 
 
 # --- the pure part: where a run is --------------------------------------------------------
@@ -237,22 +245,44 @@ def compare_settings(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[s
 # --- the log -----------------------------------------------------------------------------
 
 
-def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The rows of ``metrics.jsonl`` and how many lines could not be read (a write cut short)."""
+class Log(NamedTuple):
+    """``metrics.jsonl`` as read: its rows, the lines in the middle that are not rows, and a last line cut short."""
+
+    rows: list[dict[str, Any]]
+    damaged: list[tuple[int, bytes]]  # (line number, the line's bytes): kept in metrics.jsonl.damaged, never deleted
+    cut: bytes | None  # a last line with no newline that does not parse: a write cut short, written again
+
+
+def _row(line: bytes) -> dict[str, Any] | None:
+    """A log line as its row, or ``None``: strict JSON (no NaN or Infinity), an object."""
+    try:
+        row = json.loads(line, parse_constant=_refuse_constant)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_log(path: Path) -> Log:
+    """The rows of ``metrics.jsonl``; a line that cannot be read is reported, never silently lost (see :class:`Log`)."""
     if not path.exists():
-        return [], 0
-    rows, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
+        return Log([], [], None)
+    lines = path.read_bytes().split(b"\n")
+    last = lines.pop()  # b"" when the file ends with a newline, else a line whose write was cut short
+    rows, damaged, cut = [], [], None
+    for number, line in enumerate(lines, 1):
+        row = _row(line)
+        if row is not None:
             rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
+        elif line.strip():
+            damaged.append((number, line))
+    if last.strip():
+        row = _row(last)
+        rows, cut = (rows + [row], None) if row is not None else (rows, last)
+    return Log(rows, damaged, cut)
 
 
 def rows_up_to(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
@@ -260,10 +290,28 @@ def rows_up_to(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
     return [row for row in rows if "global_step" in row and row["global_step"] <= step]
 
 
+def dumps(row: dict[str, Any]) -> str:
+    """One log line: strict JSON (a NaN or an infinity raises ``ValueError``, never becomes ``NaN``)."""
+    return json.dumps(row, allow_nan=False)
+
+
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.write_text("".join(dumps(row) + "\n" for row in rows))
     os.replace(tmp, path)
+
+
+def _keep_damaged(path: Path, damaged: list[tuple[int, bytes]]) -> Path:
+    """Append the unreadable lines to ``<log>.damaged``, each after its line number (``line 2: ...``)."""
+    kept = path.with_name(path.name + ".damaged")
+    with open(kept, "ab") as f:
+        f.write(b"".join(b"line %d: %s\n" % (number, line) for number, line in damaged))
+    return kept
+
+
+def _lines(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:5])) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}"
 
 
 # --- the folder -----------------------------------------------------------------------------
@@ -278,8 +326,7 @@ def check(out: Path, *, overwrite: bool = False, resume: bool = False) -> None:
         RunLocked: another run holds it.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} exists and is not a directory")
+    _check_kind(out)
     if out.is_dir():
         with _locked(out):  # a live run's folder is refused first, whatever else it holds
             pass
@@ -289,16 +336,100 @@ def check(out: Path, *, overwrite: bool = False, resume: bool = False) -> None:
         raise RunError(f"--out {out} is not writable ({parent} is not a writable folder)")
 
 
-def _check_contents(out: Path, overwrite: bool, resume: bool) -> None:
+def _check_kind(out: Path) -> None:
+    if out.is_symlink() and not out.exists():
+        raise RunError(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist; create that folder or choose another --out")
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} exists and is not a directory")
+
+
+def held(out: Path) -> list[str]:
+    """The run files ``out`` holds; empty for a folder whose run has not started (an empty log, no checkpoint files)."""
+    def holds(name: str) -> bool:
+        path = out / name
+        if name == "metrics.jsonl" and path.is_file():
+            return path.stat().st_size > 0
+        if name == "checkpoints" and path.is_dir():
+            return any(path.iterdir())
+        return path.exists() or path.is_symlink()
+
+    return [name for name in RUN_FILES if holds(name)]
+
+
+def _check_contents(out: Path, overwrite: bool, resume: bool) -> None:
+    _check_kind(out)
     if resume and overwrite:
         raise RunError("--resume continues the run in --out and --overwrite replaces it: choose one")
-    if resume and not (out / "checkpoints").is_dir():
-        raise RunError(f"--resume: {out} holds no checkpoints to resume from")
-    existing = [name for name in RUN_FILES if (out / name).exists()] if not resume else []
+    if resume:
+        _check_resumable(out)
+    existing = held(out) if not resume else []
     if existing and not overwrite:
         raise RunError(f"--out {out} already holds a run ({', '.join(existing)}); pass --overwrite, --resume, or choose another --out")
+
+
+def _check_resumable(out: Path) -> None:
+    ckpt, log = out / "checkpoints", out / "metrics.jsonl"
+    if not ckpt.is_dir():
+        raise RunError(f"--resume: {out} holds no checkpoints to resume from")
+    steps = checkpoint.all_steps(ckpt)
+    if log.is_dir():
+        raise RunError(f"--resume: {log} is a folder, not the run's log; move it away, then resume")
+    if steps and not log.is_file():
+        raise RunError(f"--resume: {log} is missing, though the checkpoints reach step {steps[-1]}; "
+                       "put the log back and resume, or start again with --overwrite")
+
+
+REPLACED = ".replaced-"  # the prefix of the folder an overwritten run's files wait in
+
+
+def move_aside(out: Path) -> list[Path]:
+    """Move the run in ``out`` aside for ``--overwrite``: renames only, checked first, undone if one fails.
+
+    The run's files go into ``out/.replaced-*/``. A ``checkpoints/`` that is a symlink (to a
+    bigger disk) is followed and kept: its steps go into ``.replaced-*/`` beside them, and
+    anything else there is left alone. The folders are deleted by :func:`_discard` once the new
+    run is set up, so an overwrite stopped half way has lost nothing it had not replaced.
+
+    Raises:
+        RunError: a symlinked ``checkpoints/`` that leads nowhere, or a folder that cannot be written.
+    """
+    ckpt = out / "checkpoints"
+    follow = ckpt.is_symlink()
+    if follow and not ckpt.is_dir():
+        raise RunError(f"--overwrite: {ckpt} is a symlink to {os.readlink(ckpt)}, which is not a folder; "
+                       "fix or remove the link, then run again")
+    for folder in [out] + ([ckpt.resolve()] if follow else []):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise RunError(f"--overwrite: {folder} is not writable, so the run in it cannot be replaced")
+    moves = [(out / name, name) for name in RUN_FILES if (name != "checkpoints" or not follow) and
+             ((out / name).exists() or (out / name).is_symlink())]
+    trash = [Path(tempfile.mkdtemp(prefix=REPLACED, dir=out))]
+    if follow:
+        trash.append(Path(tempfile.mkdtemp(prefix=REPLACED, dir=ckpt.resolve())))
+        moves += [(ckpt / name, name) for name in checkpoint.pureflax_names(ckpt)]
+    done: list[tuple[Path, Path]] = []
+    try:
+        for source, name in moves:
+            target = (trash[1] if source.parent == ckpt and follow else trash[0]) / name
+            source.rename(target)
+            done.append((source, target))
+    except OSError as err:
+        for source, target in reversed(done):
+            target.rename(source)
+        _discard(trash)
+        raise RunError(f"--overwrite: cannot move {source} aside ({err.strerror or err}); nothing was changed") from None
+    return trash
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """``.replaced-*`` folders of an overwrite whose process died before deleting them."""
+    places = [out] + ([(out / "checkpoints").resolve()] if (out / "checkpoints").is_dir() else [])
+    return [path for place in places for path in place.glob(REPLACED + "*") if path.is_dir()]
+
+
+def _discard(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -306,15 +437,17 @@ def _locked(out: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``out/.lock``; the kernel drops it when the process dies, so a kill leaves no stale lock."""
     try:
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except IsADirectoryError:
+        raise RunError(f"--out {out}: {LOCK} is a folder, where pureflax keeps its lock file; remove it (rmdir {out / LOCK}), "
+                       "then run again") from None
     except OSError as err:
         raise RunError(f"--out {out} is not writable: {err.strerror or err}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise RunLocked(
-                f"--out {out} is in use by another run (pid {holder}); wait for it to end, or choose another --out"
+                f"--out {out} is in use by another run (pid {lock_holder(fd)}); wait for it to end, or choose another --out"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -323,11 +456,32 @@ def _locked(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-class StopFlag:
-    """Records SIGINT/SIGTERM so the loop can save and stop between chunks (restores the old handlers)."""
+def lock_holder(fd: int) -> str:
+    """The pid holding the ``flock`` on ``fd``'s file, as the kernel lists it in ``/proc/locks`` ("unknown" elsewhere)."""
+    st = os.fstat(fd)
+    ident, inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}", f":{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"; a process waiting for it is "1: -> FLOCK ..."
+    held_here = [parts for parts in map(str.split, lines) if len(parts) >= 6 and parts[1] == "FLOCK"]
+    for match in (lambda dev: dev == ident, lambda dev: dev.endswith(inode)):  # overlay filesystems report another device
+        pids = [parts[4] for parts in held_here if match(parts[5])]
+        if pids:
+            return pids[0]
+    return "unknown"
 
-    def __init__(self):
-        self.signum: int | None = None
+
+class StopFlag:
+    """Records SIGINT/SIGTERM so the loop can save and stop between chunks (restores the old handlers).
+
+    ``signum``: a signal that arrived before (a script records them from its first line, so a
+    Ctrl-C during start-up is never raised inside an import or a callback).
+    """
+
+    def __init__(self, signum: int | None = None):
+        self.signum: int | None = signum
         self._old = {}
 
     def __enter__(self):
@@ -340,7 +494,7 @@ class StopFlag:
 
     def _set(self, signum, frame):
         del frame
-        self.signum = signum
+        self.signum = self.signum or signum  # the first one counts; Ctrl-C held down is one stop
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -368,11 +522,15 @@ class RunFolder:
 
     def __init__(self, out: str | Path, settings: dict[str, Any], plan: Plan, *, resume: bool = False,
                  overwrite: bool = False, keep: int | None = None, keep_best: bool = False,
-                 progress: bool | None = None, log: Callable[[str], None] = print):
+                 progress: bool | None = None, log: Callable[[str], None] = print, warn: Callable[[str], None] | None = None,
+                 stop: StopFlag | None = None):
         self.out, self.ckpt_dir = Path(out), Path(out) / "checkpoints"
         self.settings, self.plan, self.resume, self.overwrite = settings, plan, resume, overwrite
         self.keep, self.keep_best, self.progress, self.log = keep, keep_best, progress, log
+        self._warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+        self.stop = stop
         self.rows: list[dict[str, Any]] = []
+        self._replaced: list[Path] = []  # an overwritten run's files, deleted once the new run is set up
         self.pending: int | None = None  # a save orbax may still be writing
         self.saved: int | None = None  # the newest committed step of this run
         self._stack = contextlib.ExitStack()
@@ -385,11 +543,10 @@ class RunFolder:
             raise RunError(f"--out {self.out} is not writable: {err.strerror or err}") from None
         self._stack.enter_context(_locked(self.out))
         _check_contents(self.out, self.overwrite, self.resume)  # again, now that no other run can change it
+        _discard(_leftovers(self.out))  # an overwrite killed before it could delete the run it replaced
         if self.overwrite and not self.resume:
-            for name in RUN_FILES:
-                path = self.out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        self.stop = self._stack.enter_context(StopFlag())
+            self._replaced = move_aside(self.out)
+        self.stop = self._stack.enter_context(self.stop or StopFlag())
         return self
 
     def __exit__(self, *exc) -> None:
@@ -405,17 +562,28 @@ class RunFolder:
             state, position = from_functional(functional, like), Position.from_meta(meta["position"])
             self._check_length(position.step)
             self.saved = position.step
-        rows, bad = read_log(self.out / "metrics.jsonl")
-        self.rows = rows_up_to(rows, position.step)
-        if notes:
-            self.rows.append({"event": "resume", "global_step": position.step, "changed": notes})
-        if bad:
-            self.log(f"metrics.jsonl: dropped {bad} line(s) cut short by the stop; they are written again")
+        path = self.out / "metrics.jsonl"
         with _writing("metrics.jsonl", position.step, self.out):
-            _write_rows(self.out / "metrics.jsonl", self.rows)
-            self._file = self._stack.enter_context(open(self.out / "metrics.jsonl", "a"))
-            self._manager = self._stack.enter_context(checkpoint.manager(self.ckpt_dir, keep=self.keep, keep_best=self.keep_best))
+            log = read_log(path)
+            if log.damaged:
+                kept = _keep_damaged(path, log.damaged)
+                self.log(f"metrics.jsonl: {_lines([n for n, _ in log.damaged])} cannot be read; "
+                         f"kept in {kept.name} under their line numbers")
+            if log.cut is not None:
+                shown = log.cut[:60].decode(errors="replace") + ("..." if len(log.cut) > 60 else "")
+                self.log(f"metrics.jsonl: dropped its last line, cut short by the stop ({len(log.cut)} bytes: {shown!r})")
+            self.rows = rows_up_to(log.rows, position.step)
+            later = [row for row in log.rows if row not in self.rows]
+            if later:
+                self.log(f"metrics.jsonl: {len(later)} row(s) logged after step {position.step} are written again from there")
+            if notes:
+                self.rows.append({"event": "resume", "global_step": position.step, "changed": notes})
+            _write_rows(path, self.rows)
+            self._file = self._stack.enter_context(open(path, "a"))
+            self._manager = self._stack.enter_context(
+                checkpoint.manager(self.ckpt_dir, keep=self.keep, keep_best=self.keep_best, cleanup=True))
         self._stack.callback(self._settle)  # registered after the manager: runs before it closes
+        _discard(self._replaced)  # the new run is set up: the one it replaces goes
         disable = None if self.progress is None else not self.progress
         self.bar = self._stack.enter_context(
             tqdm(total=self.plan.total, initial=position.step, disable=disable, unit="step", dynamic_ncols=True)
@@ -425,7 +593,7 @@ class RunFolder:
         return state, position
 
     def _resume_point(self, like: Any) -> tuple[Any, dict[str, Any], list[str]]:
-        """The newest checkpoint that restores; one whose files cannot be read is set aside (renamed, never deleted).
+        """The newest checkpoint that verifies and restores; a damaged one is set aside (renamed, never deleted).
 
         Raises:
             ResumeError: the checkpoint is sound but the settings differ, or none restores.
@@ -435,19 +603,21 @@ class RunFolder:
             self._set_aside(step, "it holds no orbax checkpoint")
         for step in reversed(checkpoint.all_steps(self.ckpt_dir)):
             try:
-                meta = checkpoint.read_meta(self.ckpt_dir, step)
+                meta = checkpoint.verify(self.ckpt_dir, step)
                 if not meta.get("position"):
-                    raise ResumeError(f"checkpoint step {step} records no run position: it was not written by a pureflax run")
+                    raise checkpoint.Damaged(step, "its metadata records no run position")
                 notes = self._check_settings(meta.get("settings"), step)
-                checkpoint.check_compatible(self.ckpt_dir, step, like)
                 functional, meta = checkpoint.restore_with_meta(self.ckpt_dir, like, step)
-            except (RunError, checkpoint.ShapeMismatch):
-                raise  # a sound checkpoint of another configuration: never set aside
-            except Exception as err:  # unreadable files surface as many error types
-                self._set_aside(step, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
+            except checkpoint.Damaged as err:  # a sound checkpoint of another configuration raises otherwise, and stays
+                self._set_aside(step, err.why)
                 continue
+            if not (self.ckpt_dir / str(step) / checkpoint.SEAL).exists():
+                checkpoint.seal(self.ckpt_dir, step)  # committed, then killed before its seal; its values verified
             return functional, meta, notes
-        raise ResumeError(f"--resume: no checkpoint in {self.ckpt_dir} could be restored")
+        cut = checkpoint.temporary(self.ckpt_dir)
+        why = (f"the save of step {cut[0].split('.')[0]} was cut short, so no step was committed" if cut
+               else "none verifies" if checkpoint.set_aside_steps(self.ckpt_dir) else "it holds none")
+        raise ResumeError(f"--resume: no checkpoint in {self.ckpt_dir} can be restored ({why}); start again with --overwrite")
 
     def _set_aside(self, step: int, why: str) -> None:
         moved = checkpoint.set_aside(self.ckpt_dir, step)
@@ -471,8 +641,7 @@ class RunFolder:
                 f"--resume: the run in {self.out} has taken {step} steps, more than the {self.plan.total} these flags ask for; "
                 "pass a larger --epochs or --max-steps"
             )
-        rows, _ = read_log(self.out / "metrics.jsonl")
-        finals = [row for row in rows if "test_loss" in row and row.get("steps") == step]
+        finals = [row for row in read_log(self.out / "metrics.jsonl").rows if "test_loss" in row and row.get("steps") == step]
         if step == self.plan.total and finals:
             raise ResumeError(
                 f"--resume: the run in {self.out} is complete ({step} steps, test loss {finals[-1]['test_loss']:.4f}); "
@@ -492,7 +661,7 @@ class RunFolder:
 
     def emit(self, row: dict[str, Any]) -> None:
         with _writing("metrics.jsonl", row.get("global_step", row.get("steps", 0)), self.out):
-            self._file.write(json.dumps(row) + "\n")
+            self._file.write(dumps(row) + "\n")
             self._file.flush()  # a crash keeps every line already logged
         self.rows.append(row)
 
@@ -522,6 +691,7 @@ class RunFolder:
         with _writing("checkpoint", step, self.ckpt_dir):
             self._manager.wait_until_finished()
             self._manager.check_for_errors()
+            checkpoint.seal(self.ckpt_dir, step)
         self.saved = step
 
     def _settle(self) -> None:
@@ -542,6 +712,12 @@ class RunFolder:
     def logged(self) -> list[dict[str, Any]]:
         """The log rows of the run so far (no events, no final row)."""
         return [row for row in self.rows if "loss" in row and "step" in row]
+
+    def warn(self, message: str, step: int) -> None:
+        """A setting that does less than asked: one line on stderr and a ``warning`` row in the log (once per run)."""
+        self._warn(message)
+        if not any(row.get("warning") == message for row in self.rows):
+            self.emit({"event": "warning", "global_step": step, "warning": message})
 
     def finish(self, final: dict[str, Any]) -> None:
         """Write the final row: the run is complete."""

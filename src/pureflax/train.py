@@ -166,6 +166,14 @@ class NonFiniteLoss(RuntimeError):
         self.step, self.term = step, term
 
 
+def check_test_finite(test: step_lib.Metrics, step: int) -> None:
+    """Raise :class:`NonFiniteLoss` when a test metric is NaN or infinite (it is never saved or logged)."""
+    for term in ("mse", "kl", "loss"):  # the root cause first
+        value = float(getattr(test, term))
+        if not np.isfinite(value):
+            raise NonFiniteLoss(step, f"the test {term}", value)
+
+
 def check_finite(metrics: np.ndarray, first_step: int) -> None:
     """Raise :class:`NonFiniteLoss` naming the first step and term that is not finite."""
     bad = ~np.isfinite(metrics)
@@ -274,13 +282,17 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
+    stop: rundir.StopFlag | None = None,
     hook: Callable[[str, int], None] = _no_hook,
 ) -> RunResult:
     """Train the VAE in ``backend``'s form (functional by default) and write the run into the folder ``out``.
 
     ``progress=None`` shows a bar on a terminal only; ``resume`` continues from the latest good
     checkpoint (or only finishes a run whose steps are all taken); ``log`` receives one-line
-    messages; ``hook(event, step)`` is called with ``"chunk"`` after each chunk is recorded and
+    messages and ``warn`` each setting that does less than asked (default: stderr); ``stop`` is the
+    :class:`pureflax.rundir.StopFlag` to watch (a script's, set before ``fit`` was called) or ``None``
+    for one of its own; ``hook(event, step)`` is called with ``"chunk"`` after each chunk is recorded and
     ``"final"`` once the final checkpoint has committed.
 
     Raises:
@@ -295,11 +307,20 @@ def fit(
     eval_step = step_lib.make_eval_step(loss_fn, stateful=backend.stateful)
     start_evaluation = lambda state: report.start_evaluation(eval_step, state.params, test, keys.eval,  # noqa: E731
                                                              config.eval_batch_size, backend.model_state(state))
+
+    def evaluated(means: Any, step: int) -> step_lib.Metrics:
+        metrics = report.read_means(means)
+        check_test_finite(metrics, step)
+        return metrics
+
     settings = rundir.settings_of(config, backend.name, data_lib.fingerprint(mnist))
     order = functools.lru_cache(maxsize=1)(lambda e: loop.shuffle(keys.data, e, num_train, config.batch_size))
     with rundir.RunFolder(out, settings, plan, resume=resume, overwrite=overwrite, keep=config.keep,
-                          keep_best=config.keep_best, progress=progress, log=log) as folder:
+                          keep_best=config.keep_best, progress=progress, log=log, warn=warn, stop=stop) as folder:
         state, pos = folder.start(state, backend.to_functional, backend.from_functional)
+        first = pos.step
+        for notice in optim.notices(config.optim, plan.total, optim.param_paths(backend.to_functional(state).params)):
+            folder.warn(notice, pos.step)
         state = placement.replicate(state)
         if config.fuse:  # a chunk never crosses a log line: one program runs them all
             runner = loop.make_fused_runner(train_step, placement, capacity=plan.log_every)
@@ -317,10 +338,14 @@ def fit(
         in_flight = None  # (metrics, length) of the chunk dispatched last, not read yet
         compile_seconds, steps_start = None, time.perf_counter()
         for chunk in rundir.chunks(pos.step, plan):
+            if folder.stop_signal is not None and pos.step == first and in_flight is None:
+                raise rundir.Interrupted(folder.stop_signal, pos.step, saved=False)  # no step taken: nothing to save
             dispatched = time.perf_counter()
             state, metrics = runner(state, train, order(chunk.epoch), chunk.start, keys.train, chunk.length)
             if compile_seconds is None:  # the first dispatch returns once the program is compiled (or loaded) and queued
                 compile_seconds = time.perf_counter() - dispatched
+            if folder.stop_signal is not None and pos.step == first and in_flight is None:
+                raise rundir.Interrupted(folder.stop_signal, pos.step, saved=False)  # stopped while it compiled
             folder.wait()  # the previous save commits (or fails, loudly) while this chunk computes
             if in_flight is not None:  # the chunk before: logged while this one computes (no host stall)
                 pos = take(pos, in_flight)
@@ -330,7 +355,7 @@ def fit(
                 continue  # the next chunk is dispatched before this one's metrics are read
             pos, in_flight = take(pos, in_flight), None  # a save needs this state before the next chunk donates it
             if folder.stop_signal is not None or plan.checkpoint_due(pos.step):
-                folder.save(backend.to_functional(state), pos, float(report.read_means(start_evaluation(state)).loss) if config.keep_best else None)
+                folder.save(backend.to_functional(state), pos, float(evaluated(start_evaluation(state), pos.step).loss) if config.keep_best else None)
             if folder.stop_signal is not None:
                 raise rundir.Interrupted(folder.stop_signal, pos.step)
         test_means = start_evaluation(state)  # its program is prepared while the last chunk computes
@@ -338,7 +363,7 @@ def fit(
             pos = take(pos, in_flight)
         compile_seconds = compile_seconds or 0.0  # None: a resumed run with no step left to take
         steps_seconds = time.perf_counter() - steps_start - compile_seconds
-        test_metrics = report.read_means(test_means)
+        test_metrics = evaluated(test_means, pos.step)
         if folder.saved != plan.total:  # a resumed run that only lacked its final row has it already
             folder.save(backend.to_functional(state), pos, float(test_metrics.loss))
         folder.wait()
