@@ -73,7 +73,7 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> Checkpoint:
         ValueError: no such folder, no checkpoint in it, no such step, or the step is damaged.
     """
     directory = checkpoints_of(path)
-    return checkpoint.read_verified(directory, lambda found: _checkpoint(directory, found), step)[1]
+    return checkpoint.read_verified(directory, _checkpoint, step)[1]._replace(directory=directory)
 
 
 def _checkpoint(directory: Path, step: int) -> Checkpoint:
@@ -136,18 +136,19 @@ def load(path: str | Path, form: str = "functional", *, step: int | None = None,
     """
     _form(form)
     directory = checkpoints_of(path)
-    return checkpoint.read_verified(directory, lambda found: _load(_checkpoint(directory, found), form, state), step)[1]
+    return checkpoint.read_verified(directory, lambda folder, at: _load(_checkpoint(folder, at), form, state), step)[1]
 
 
 def _load(found: Checkpoint, form: str, state: bool) -> Any:
+    if not state:  # a train state is restored into its target, which checks every array; params are read raw
+        functional = get_backend("functional", found.config.model)
+        _check_fits(found, eqx.filter_eval_shape(functional.init_params, jax.random.PRNGKey(0), False), functional.init_model_state())
     if form == "nnx":
         return _load_nnx(found, state)
     backend = get_backend(form, found.config.model)
     if state:
         like, *_ = train.build(found.config, backend, found.total_steps, jax.random.PRNGKey(0))
         return train.restore_state(found.directory, like, backend, found.step)
-    functional = get_backend("functional", found.config.model)
-    _check_fits(found, eqx.filter_eval_shape(functional.init_params, jax.random.PRNGKey(0), False), functional.init_model_state())
     params, model_state = _saved_variables(found.directory, found.step)
     skeleton = eqx.filter_eval_shape(backend.init_params, jax.random.PRNGKey(0), False)
     if not backend.stateful:
@@ -343,8 +344,8 @@ def convert_run(path: str | Path, form: str, target: str | Path, *, step: int | 
     _target(form, target)  # before any reading
     directory = checkpoints_of(path)
 
-    def read(at: int) -> tuple[Checkpoint, Any]:
-        found = _checkpoint(directory, at)
+    def read(folder: Path, at: int) -> tuple[Checkpoint, Any]:
+        found = _checkpoint(folder, at)
         return found, _load(found, form, state=False)
 
     step, (found, model) = checkpoint.read_verified(directory, read, step)

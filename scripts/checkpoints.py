@@ -61,14 +61,11 @@ def cmd_list(directory: Path) -> None:
         print(f"foreign: {name} (not pureflax's; never read or changed)")
 
 
-def cmd_show(directory: Path, step: int, meta: dict) -> None:
-    from pureflax import checkpoint
-
+def cmd_show(directory: Path, step: int, meta: dict, leaves: dict) -> None:
     print(f"step {step} in {directory} (verified)")
     for key in ("backend", "epoch", "seed", "test_loss"):
         if meta.get(key) is not None:
             print(f"  {key}: {meta[key]}")
-    leaves = checkpoint.saved_leaves(directory, step)
     for part in ("params", "model_state"):  # model_state: BatchNorm's running statistics (--model conv)
         arrays = {path[len(part) + 1:]: v for path, v in leaves.items() if path.startswith(part + "/")}
         if part == "params" or arrays:
@@ -80,7 +77,7 @@ def cmd_show(directory: Path, step: int, meta: dict) -> None:
 def cmd_export(directory: Path, target: Path, step: int | None) -> None:
     from pureflax import checkpoint
 
-    step, params = checkpoint.read_verified(directory, lambda at: checkpoint.restore_raw(directory, at)["params"], step)
+    step, params = checkpoint.read_verified(directory, lambda folder, at: checkpoint.restore_raw(folder, at)["params"], step)
     count = checkpoint.write_params(params, target)
     print(f"exported {count} arrays of step {step} to {target}")
 
@@ -116,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from pureflax import checkpoint
 
     steps = checkpoint.all_steps(directory)
-    if not steps:
+    if not steps and not (args.command == "list" and checkpoint.pureflax_names(directory)):
         parser.error(f"{directory} holds no checkpoints")
     if getattr(args, "step", None) is not None and args.step not in steps:
         parser.error(f"--step {args.step}: not a checkpoint in {directory} (steps: {', '.join(map(str, steps))})")
@@ -125,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "show":
-            step, meta = checkpoint.read_verified(directory, lambda at: checkpoint.verify(directory, at), args.step)
-            cmd_show(directory, step, meta)
+            step, (meta, leaves) = checkpoint.read_verified(
+                directory, lambda folder, at: (checkpoint.verify(folder, at), checkpoint.saved_leaves(folder, at)), args.step)
+            cmd_show(directory, step, meta, leaves)
             return 0
         if args.command == "export" and args.target.suffix not in checkpoint.PARAM_FILES:
             parser.error(f"{args.target}: export writes .npz or .safetensors")

@@ -229,4 +229,6 @@ def run(parser, args: argparse.Namespace, argv: list[str], stop) -> int:
 
 if __name__ == "__main__":
     code = main(early=EARLY)
-    sys.exit(code)  # signals from here on are still only recorded: none interrupts the exit
+    for _signal in (signal.SIGINT, signal.SIGTERM):  # none interrupts the exit (Python's own shutdown restores the defaults)
+        signal.signal(_signal, signal.SIG_IGN)
+    sys.exit(code)

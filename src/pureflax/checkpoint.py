@@ -24,10 +24,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -203,6 +206,8 @@ def _kind(name: str) -> str:
     head, dot, tail = name.partition(".")
     if _is_step(name):
         return "step"
+    if name.startswith(READING):
+        return "reading"
     if dot and _is_step(head) and ("." + tail).startswith(SET_ASIDE):
         return "set aside"
     if dot and _is_step(head) and ("." + tail).startswith(TMP):
@@ -351,16 +356,18 @@ def latest_good_step(directory: str | Path) -> int | None:
 T = TypeVar("T")
 
 
-def read_verified(directory: str | Path, read: Callable[[int], T], step: int | None = None, *,
+def read_verified(directory: str | Path, read: Callable[[Path, int], T], step: int | None = None, *,
                   settle: float = 0.2, tries: int = 20) -> tuple[int, T]:
-    """``(step, read(step))`` for the newest committed step ``read`` verifies and reads, or for ``step`` itself.
+    """``(step, read(folder, step))`` for the newest committed step ``read`` verifies and reads, or for ``step`` itself.
 
-    Safe beside a run that writes there: a step that vanishes while it is read (a run with
-    ``--keep`` deleting it) is never called damaged; the steps are listed again.
+    Safe beside a run that writes there: each step is read from a snapshot of hard links taken
+    in well under a millisecond (``folder``; the step folder itself where links cannot be made),
+    so a run with ``--keep`` deleting it meanwhile does not matter; a step that vanishes before
+    its snapshot is complete is never called damaged: the steps are listed again.
 
     Args:
-        read: reads a step; raises :class:`Damaged` for one that does not verify. Any other
-            error escapes (another model: :class:`ShapeMismatch`).
+        read: reads step ``step`` from ``folder``; raises :class:`Damaged` for one that does not
+            verify. Any other error escapes (another model: :class:`ShapeMismatch`).
 
     Raises:
         CheckpointError: no checkpoint, the given step missing, or every step damaged (each named).
@@ -373,7 +380,8 @@ def read_verified(directory: str | Path, read: Callable[[int], T], step: int | N
         damaged: list[Damaged] = []
         for candidate in [step] if step is not None else reversed(steps):
             try:
-                return candidate, read(candidate)
+                with _snapshot(directory, candidate) as folder:
+                    return candidate, read(folder, candidate)
             except Damaged as err:
                 if _vanishing(directory, candidate, settle):
                     break
@@ -385,6 +393,38 @@ def read_verified(directory: str | Path, read: Callable[[int], T], step: int | N
                 raise damaged[0]
             raise CheckpointError(f"{directory}: every checkpoint is damaged ({'; '.join(map(str, damaged))})")
     raise CheckpointError(f"{directory}: its checkpoints kept vanishing while being read (a run deleting old ones?); try again")
+
+
+READING = ".reading-"  # a reader's snapshot of hard links, beside the steps for as long as it reads
+
+
+@contextlib.contextmanager
+def _snapshot(directory: Path, step: int) -> Iterator[Path]:
+    """A folder holding ``step`` as hard links to its files (``directory`` itself where links cannot be made)."""
+    source = directory / str(step)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=READING, dir=directory))  # the same filesystem: links work
+    except OSError:  # a run folder this process may only read
+        yield directory
+        return
+    try:
+        try:
+            for path in sorted(source.rglob("*")):
+                copy = folder / str(step) / path.relative_to(source)
+                if path.is_dir():
+                    copy.mkdir(parents=True, exist_ok=True)
+                else:
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(path, copy)
+        except FileNotFoundError:
+            raise Damaged(step, "its files vanished while they were read") from None
+        except OSError:  # no hard links here (another kind of filesystem)
+            shutil.rmtree(folder, ignore_errors=True)
+            yield directory
+            return
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _vanishing(directory: Path, step: int, settle: float) -> bool:
