@@ -84,7 +84,13 @@ def manager(
         best_fn=_test_loss if keep_best else None, best_mode="min", cleanup_tmp_directories=cleanup,
     )
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}  # so metadata reads need no args
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+    mgr = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+    if cleanup:
+        # orbax cleans in a background thread that only its next save awaits (close() does not): a
+        # run stopped before its first save would leave the thread to die at interpreter shutdown,
+        # printing its traceback. Waiting here also means the leftovers are gone once the run starts.
+        mgr._maybe_await_cleanup_tmp_directory()
+    return mgr
 
 
 def _test_loss(metrics: dict[str, Any]) -> float:
