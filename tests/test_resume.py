@@ -165,12 +165,11 @@ def wait_for_checkpoint(process, out, at_least, timeout=240):
 
 def test_kill_9_and_resume_ends_where_the_uninterrupted_run_ends_and_the_lock_holds_meanwhile(data, tmp_path, reference, capsys):
     # the fused runner in a real process; the per-step one crashes in-process below (flax)
-    fuse, extra = True, []
     out = tmp_path / "out"
-    process = start(args_for(data, out, *extra))
+    process = start(args_for(data, out))
     reached = wait_for_checkpoint(process, out, at_least=20)
     # a second run, or a resume, on the folder while the first one trains: refused at once, naming the holder
-    for second in (args_for(data, out, *extra), args_for(data, out, *extra, "--overwrite"), args_for(data, out, *extra, "--resume")):
+    for second in (args_for(data, out), args_for(data, out, "--overwrite"), args_for(data, out, "--resume")):
         code, _, err = cli(capsys, second)
         assert code == 2 and f"in use by another run (pid {process.pid})" in err and err.count("\n") == 1, err
     process.send_signal(signal.SIGKILL)
@@ -179,10 +178,10 @@ def test_kill_9_and_resume_ends_where_the_uninterrupted_run_ends_and_the_lock_ho
     killed_at = max(committed(out))
     assert killed_at < 60
     assert (out / ".lock").read_text().strip() == str(process.pid)  # a dead holder's lock does not block
-    code, stdout, err = cli(capsys, args_for(data, out, *extra, "--resume"))
+    code, stdout, err = cli(capsys, args_for(data, out, "--resume"))
     assert code == 0, err
     assert f"resuming from step {killed_at}" in stdout
-    assert_same_run(out, reference("functional", fuse))
+    assert_same_run(out, reference())
 
 
 def test_sigint_saves_prints_how_to_resume_and_exits_130(data, tmp_path, reference, capsys):
