@@ -102,6 +102,16 @@ def _equinox_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
     )
 
 
+def flax_apply_gradients(tx) -> Callable[[Any, Any], Any]:
+    """How Flax's ``TrainState`` takes gradients: its own ``apply_gradients``, through ``tx``.
+
+    The state carries a ``tx`` of its own (a static field); in a run it is ``tx`` itself. A sweep's
+    step builds ``tx`` from each member's traced learning rate, so the state lends it that ``tx``
+    for the update and keeps its own.
+    """
+    return lambda state, grads: state.replace(tx=tx).apply_gradients(grads=grads).replace(tx=state.tx)
+
+
 def flax_backend(config: models.ModelConfig) -> Backend:
     """Params are Flax variables ``{'params': ...}``; state Flax's own ``TrainState``."""
     if models.kind_of(config) == "conv":
@@ -131,7 +141,7 @@ def flax_backend(config: models.ModelConfig) -> Backend:
         param_names=convert.param_names,
         create_state=create_state,
         apply=model.apply,
-        apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads)),  # tx lives in the state
+        apply_gradients=flax_apply_gradients,
         to_functional=convert.to_functional,
         from_functional=convert.from_functional,
     )
@@ -161,7 +171,7 @@ def _flax_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
 
     return Backend(
         name="flax", init_params=init_params, param_names=convert.param_names, create_state=create_state,
-        apply=apply, apply_gradients=lambda tx: (lambda state, grads: state.apply_gradients(grads=grads)),
+        apply=apply, apply_gradients=flax_apply_gradients,
         to_functional=convert.to_functional, from_functional=convert.from_functional,
         init_model_state=functional.init_state, slot=BATCH_STATS,
     )

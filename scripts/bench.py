@@ -461,6 +461,88 @@ def scaling(images: np.ndarray, labels: np.ndarray, data: Batch, repeats: int, k
     return rows
 
 
+SWEEP_MEMBERS = (1, 4, 16, 64)
+SWEEP_STEPS = {"mlp": 100, "conv": 20}  # steps of every member per timed repeat (a conv step costs ~10x an MLP's, fused on CPU)
+
+
+class Stepping:
+    """A training state that a contender advances in place between its timed calls (states are donated)."""
+
+    def __init__(self, state):
+        self.state = state
+
+
+def sweep_loops(model: models.ModelConfig, data: Batch, members: int, chunk: int) -> tuple[Loop, Loop]:
+    """(sweep, sequential) for ``members`` runs of ``model`` at batch 16, both fused and warmed up: the sweep takes a step of
+    every member in one vmapped program; sequential runs each member's own fused program one after another."""
+    from pureflax import sweep
+
+    config = train.TrainConfig(model=model, batch_size=BATCH, fuse=True)
+    backend = get_backend("functional", model)
+    num_train = int(data.labels.shape[0])
+    keys = [train.make_keys(seed) for seed in range(members)]
+    singles = [train.build(config, backend, 10**6, k.model) for k in keys]
+    member_step = sweep.make_member_step(config, backend, 10**6, singles[0][0].params)
+    carry = Stepping(jax.device_put(sweep.Members(sweep.stack([s[0] for s in singles]), sweep.stack([sweep.hyper_of(config)] * members))))
+    orders = sweep.make_orders(jnp.stack([k.data for k in keys]), num_train, BATCH)(0)
+    train_keys = jnp.stack([k.train for k in keys])
+    together = loop.make_fused_runner(sweep.vmapped(member_step), capacity=chunk, members=members)
+    compiled, compile_seconds = compiled_and_seconds(together, carry.state, data, orders, 0, train_keys, chunk)
+    alone = loop.make_fused_runner(singles[0][3], capacity=chunk)
+    states = [Stepping(s[0]) for s in singles]
+    single_orders = [loop.shuffle(k.data, 0, num_train, BATCH) for k in keys]
+    alone_compiled, alone_seconds = compiled_and_seconds(alone, states[0].state, data, single_orders[0], 0, keys[0].train, chunk)
+    last = int(orders.shape[0]) - chunk
+
+    def run_sweep(n: int) -> None:
+        for done in range(0, n, chunk):
+            carry.state, metrics = together(carry.state, data, orders, done % last, train_keys, min(chunk, n - done))
+        metrics.block_until_ready()
+
+    def run_sequential(n: int) -> None:
+        for state, order, k in zip(states, single_orders, keys):
+            for done in range(0, n, chunk):
+                state.state, metrics = alone(state.state, data, order, done % last, k.train, min(chunk, n - done))
+        metrics.block_until_ready()
+
+    run_sweep(chunk)
+    run_sequential(chunk)
+    return Loop(run_sweep, compile_seconds, peak_bytes(compiled)), Loop(run_sequential, alone_seconds, peak_bytes(alone_compiled))
+
+
+def sweep_section(data: Batch, repeats: int, kinds: tuple[str, ...] = ("mlp", "conv"), sizes: tuple[int, ...] = SWEEP_MEMBERS) -> dict:
+    """Member-steps/s of an M-member sweep against the same M runs one after another, taking turns, per model and M."""
+    rows = []
+    for kind in kinds:
+        for members in sizes:
+            steps = SWEEP_STEPS[kind]
+            together, sequential = sweep_loops(models.KINDS[kind](), data, members, steps)
+            samples = interleaved_samples({"sweep": together.run, "sequential": sequential.run}, steps, repeats)
+            rates = medians(samples)
+            rows.append({
+                "model": kind, "members": members,
+                "sweep_member_steps_per_s": rates["sweep"] * members, "sequential_member_steps_per_s": rates["sequential"] * members,
+                "sweep_vs_sequential": paired_ratio(samples, "sweep", "sequential"),
+                "sweep_compile_seconds": together.compile_seconds, "single_compile_seconds": sequential.compile_seconds,
+                "sweep_peak_bytes": together.peak_bytes, "single_peak_bytes": sequential.peak_bytes,
+            })
+            print(f"  {kind}, {members} members: {rows[-1]['sweep_member_steps_per_s']:,.0f} member-steps/s, "
+                  f"{rows[-1]['sweep_vs_sequential']:.2f}x one after another", flush=True)
+    by = lambda key: {kind: {str(r["members"]): r[key] for r in rows if r["model"] == kind} for kind in kinds}  # noqa: E731
+    return {"rows": rows, "sweep_member_steps_per_s": by("sweep_member_steps_per_s"), "sweep_vs_sequential": by("sweep_vs_sequential"),
+            "sweep_peak_bytes": by("sweep_peak_bytes")}
+
+
+def print_sweep(section: dict) -> None:
+    print("\n| model | members | sweep member-steps/s | one after another | sweep × sequential | compile s sweep / one | "
+          "peak MiB sweep / one |")
+    print("|---|---|---|---|---|---|---|")
+    for r in section["rows"]:
+        print(f"| {r['model']} | {r['members']} | {r['sweep_member_steps_per_s']:,.0f} | {r['sequential_member_steps_per_s']:,.0f} | "
+              f"{r['sweep_vs_sequential']:.2f} | {r['sweep_compile_seconds']:.1f} / {r['single_compile_seconds']:.1f} | "
+              f"{mib(r['sweep_peak_bytes'])} / {mib(r['single_peak_bytes'])} |")
+
+
 SAME_PROGRAM = ("functional", "flax", "nnx")  # fused, one program to XLA: test_the_functional_flax_and_nnx_forms_hand_xla_one_program
 
 TRAIN_RUN_EPOCHS = 3
@@ -543,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-run", action="store_true", help="instead: train.py --epochs 3 (whole fit, three runs) "
                         "against the fused loop timed around each run (about 80 s; needs MNIST)")
     parser.add_argument("--data", type=Path, default=None, help="MNIST for --train-run, as train.py's --data (default: its cache)")
+    parser.add_argument("--sweep", action="store_true", help="instead: only the sweep section, M = 1, 4, 16, 64 members "
+                        "in one program against the same runs one after another, MLP and conv (about 4 minutes on 2 cores)")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (200 if args.quick else TRAIN_RUN_REFERENCE if args.train_run else 800)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
@@ -570,6 +654,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench.py: error: {err}", file=sys.stderr)
             return 2 if err.returncode == 2 else 1
         print(f"train.py reaches {result['train_run']['ratio']:.2f} of the fused loop (median of 3 runs)")
+        result["seconds"] = time.perf_counter() - began
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    if args.sweep:
+        print(f"sweeps: M members in one vmapped program against M fused runs one after another, batch {BATCH}:", flush=True)
+        result["sweep"] = sweep_section(device_data, repeats)
+        print_sweep(result["sweep"])
         result["seconds"] = time.perf_counter() - began
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -655,6 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     result["scaling"] = scaling(images, labels, device_data, repeats, ("mlp",) if args.quick else ("mlp", "conv"),
                                 share=0.5 if args.quick else 1.0)
     print_scaling(result["scaling"])
+    print("\nsweeps: M members in one vmapped program against the same runs one after another:", flush=True)
+    result["sweep"] = sweep_section(device_data, repeats, ("mlp",) if args.quick else ("mlp", "conv"),
+                                    (1, 4) if args.quick else SWEEP_MEMBERS)
+    print_sweep(result["sweep"])
     result["seconds"] = time.perf_counter() - began
     print(f"\nbench took {result['seconds']:.0f} s")
     if args.json:

@@ -78,6 +78,29 @@ def path_list(text: str) -> tuple[str, ...]:
     return parts
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """``0,1,2,3``, ``0-3`` or both (``0-3,10``): the seeds of a sweep, in order."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        first, _, last = part.partition("-")
+        try:
+            low, high = seed(first), seed(last) if last else seed(first)
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{err} (in {text!r}: seeds such as 0,1,2,3 or 0-3)") from None
+        if high < low:
+            raise argparse.ArgumentTypeError(f"{part}: a range runs from low to high, such as 0-3")
+        seeds.extend(range(low, high + 1))
+    return tuple(seeds)
+
+
+def sweep_axis(text: str) -> tuple[str, tuple[float, ...]]:
+    """``lr=1e-4,3e-4``: a setting and its values."""
+    name, equals, values = text.partition("=")
+    if not equals or not values.strip():
+        raise argparse.ArgumentTypeError(f"expected SETTING=V1,V2,..., such as lr=1e-4,3e-4, got {text!r}")
+    return name.strip().replace("-", "_"), tuple(number(v.strip()) for v in values.split(","))
+
+
 def build_parser() -> Parser:
     p = Parser(prog="train.py", description="Train the tutorial's class-conditioned VAE on MNIST.")
     p.add_argument("--backend", choices=BACKENDS, default="functional", help="model form to train (default functional)")
@@ -115,6 +138,10 @@ def build_parser() -> Parser:
     p.add_argument("--keep", type=positive_int, default=None, help="keep the newest N checkpoints (default: all)")
     p.add_argument("--keep-best", action="store_true", help="with --keep: also keep the checkpoint with the best test loss")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest good checkpoint")
+    p.add_argument("--seeds", type=seed_list, default=None,
+                   help="a sweep: train these seeds together in one program (0,1,2,3 or 0-3), each member in its own folder under --out")
+    p.add_argument("--sweep", type=sweep_axis, nargs="+", default=None, metavar="SETTING=V1,V2",
+                   help="a sweep over lr and kl_weight (a grid; with --seeds too), e.g. --sweep lr=1e-4,3e-4 kl_weight=0.5,1")
     return p
 
 
@@ -137,6 +164,24 @@ def configure(args: argparse.Namespace):
         seed=args.seed, log_every=args.log_every, native_init=args.init == "native", model=model, optim=optimizer,
         fuse=args.fuse, devices=args.devices, pictures=not args.no_pictures, ckpt_every=args.ckpt_every, keep=args.keep, keep_best=args.keep_best,
     ).resolved()
+
+
+def sweep_members(args: argparse.Namespace, config, argv: list[str]):
+    """The members of the sweep the flags ask for (``None``: a single run); raises ValueError naming the flag."""
+    from pureflax import sweep
+
+    if args.seeds is None and args.sweep is None:
+        return None
+    axes: dict = {}
+    if args.seeds is not None:
+        if "--seed" in argv or any(a.startswith("--seed=") for a in argv):
+            raise ValueError("--seed and --seeds: give one (--seeds sets each member's seed)")
+        axes["seed"] = list(args.seeds)
+    for name, values in args.sweep or ():
+        if name in axes:
+            raise ValueError(f"--sweep {name} is given twice" if name != "seed" or args.seeds is None else "--sweep seed and --seeds: give one")
+        axes[name] = list(values)
+    return sweep.grid(config, axes)
 
 
 def resume_command(argv: list[str], resume: bool = True) -> str:
@@ -186,10 +231,17 @@ def run(parser, args: argparse.Namespace, argv: list[str], stop) -> int:
         if stop.signum is not None:
             raise rundir.Interrupted(stop.signum, 0, saved=False)
 
+    from pureflax import sweep
+
     try:
         config = configure(args)
-        loop.make_placement(config.devices, config.batch_size)  # enough devices, an even split: before any work
-        rundir.check(args.out, overwrite=args.overwrite, resume=args.resume)
+        members = sweep_members(args, config, argv)
+        if members is None:
+            loop.make_placement(config.devices, config.batch_size)  # enough devices, an even split: before any work
+            rundir.check(args.out, overwrite=args.overwrite, resume=args.resume)
+        else:
+            loop.make_placement(config.devices, len(members))
+            sweep.check(args.out, [m.name for m in members], overwrite=args.overwrite, resume=args.resume)
     except ValueError as err:
         parser.error(str(err))
     stopped()
@@ -202,6 +254,8 @@ def run(parser, args: argparse.Namespace, argv: list[str], stop) -> int:
     if config.batch_size > len(mnist.train.labels):
         parser.error(f"--batch-size {config.batch_size} is larger than the {len(mnist.train.labels)} training images")
     stopped()
+    if members is not None:
+        return run_sweep(parser, args, config, members, mnist, stop)
     where = f"{config.devices} devices, data parallel" if config.devices > 1 else "1 device"
     print(
         f"training {args.backend} {args.model} VAE ({'fused' if config.fuse else 'per step'}, {where}): "
@@ -224,6 +278,32 @@ def run(parser, args: argparse.Namespace, argv: list[str], stop) -> int:
         return 1
     written = [name for name in rundir.RUN_FILES if not (args.no_pictures and name in rundir.PICTURES)]
     print(f"wrote {', '.join(written)} in {args.out}")
+    return 0
+
+
+def run_sweep(parser, args: argparse.Namespace, config, members, mnist, stop) -> int:
+    """A sweep's members trained together: one folder each under --out, and --out/sweep.json."""
+    from pureflax import checkpoint, rundir, sweep
+    from pureflax.compat.backends import get_backend
+
+    where = f"members split over {config.devices} devices" if config.devices > 1 else "1 device"
+    print(f"training {args.backend} {args.model} VAE, a sweep of {len(members)} members in one program "
+          f"({'fused' if config.fuse else 'per step'}, {where}): {len(mnist.train.labels)} train / "
+          f"{len(mnist.test.labels)} test images -> {args.out}")
+    try:
+        result = sweep.fit_sweep(members, mnist, args.out, backend=get_backend(args.backend, config.model),
+                                 resume=args.resume, overwrite=args.overwrite, stop=stop)
+    except (sweep.SweepError, checkpoint.ShapeMismatch, rundir.RunError) as err:
+        parser.error(str(err))
+    except rundir.SaveError as err:
+        sys.stderr.write(f"train.py: error: {err}; earlier checkpoints are intact: free space, then resume with --resume\n")
+        return 1
+    if result.stopped:
+        sys.stderr.write(f"train.py: {len(result.stopped)} of {len(members)} members stopped on a non-finite loss "
+                         f"({', '.join(result.stopped)}; each folder's metrics.jsonl says where); the others finished; "
+                         f"see {args.out / sweep.SWEEP_FILE}\n")
+        return 3
+    print(f"wrote {len(members)} member folders and {sweep.SWEEP_FILE} in {args.out}")
     return 0
 
 

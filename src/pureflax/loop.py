@@ -25,7 +25,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -50,6 +51,12 @@ class Placement(NamedTuple):
             return jax.device_put(tree)
         return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
 
+    def split(self, tree: Any) -> Any:
+        """Put ``tree`` on the device(s), each device holding its share of the leading axis (a sweep's members)."""
+        if self.mesh is None:
+            return jax.device_put(tree)
+        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec("data")))
+
     def shard_batch(self, batch: Batch) -> Batch:
         """Inside a jitted function: split the batch along its first axis over the devices."""
         if self.mesh is None:
@@ -59,6 +66,9 @@ class Placement(NamedTuple):
 
 def make_placement(devices: int = 1, batch_size: int | None = None) -> Placement:
     """A placement over the first ``devices`` local devices.
+
+    ``batch_size``: the length of the batch's first axis, which is split over the devices (a
+    sweep's batch leads with its members).
 
     Raises:
         ValueError: more devices asked for than there are, or a batch that does not split evenly.
@@ -129,16 +139,19 @@ class FusedRunner(NamedTuple):
 
 
 def read_metrics(metrics: jax.Array, length: int) -> np.ndarray:
-    """A chunk's metrics on the host, (length, 3) float64: waits for the chunk, drops its padding."""
+    """A chunk's metrics on the host, (length, 3) float64 ((length, 3, members) for a sweep): waits for the chunk, drops its padding."""
     return np.asarray(jax.device_get(metrics), np.float64)[:length]
 
 
-def make_fused_runner(train_step: Callable, placement: Placement = Placement(None), capacity: int = 1) -> FusedRunner:
+def make_fused_runner(train_step: Callable, placement: Placement = Placement(None), capacity: int = 1,
+                      members: int | None = None) -> FusedRunner:
     """A chunk of steps as one jitted loop (a ``lax.fori_loop`` over the steps), state donated.
 
     Args:
         capacity: the longest chunk one program runs (``TrainConfig.log_every`` in a run).
+        members: for a sweep's step (its metrics one per member): how many; each step's metrics are then (3, members).
     """
+    shape = (3,) if members is None else (3, members)
 
     @partial(jax.jit, static_argnums=(6,), donate_argnums=(0,))
     def program(state, data: Batch, order, start, key, length, capacity: int):
@@ -147,7 +160,7 @@ def make_fused_runner(train_step: Callable, placement: Placement = Placement(Non
             state, step_metrics = train_step(state, _gather(data, order, start + i, placement), key)
             return state, metrics.at[i].set(jnp.stack(step_metrics).astype(metrics.dtype))
 
-        return jax.lax.fori_loop(0, length, body, (state, jnp.zeros((capacity, 3), jnp.float32)))
+        return jax.lax.fori_loop(0, length, body, (state, jnp.zeros((capacity, *shape), jnp.float32)))
 
     return FusedRunner(program, capacity)
 
@@ -168,3 +181,36 @@ def make_per_step_runner(train_step: Callable, placement: Placement = Placement(
         return state, jnp.stack(per_step)
 
     return run
+
+
+class Dispatched(NamedTuple):
+    """A chunk handed out by :func:`dispatched`: its metrics still on the device (:func:`read_metrics`)."""
+
+    chunk: Any  # the chunk (a pureflax.rundir.Chunk: epoch, start, length)
+    metrics: jax.Array
+    state: Any  # the state after this chunk, when it was asked for (``sync``) or the chunk is the last; else None
+    seconds: float  # how long its dispatch took (the first one's: compiling, or loading, the program)
+
+
+def dispatched(runner: Runner, state: Any, data: Batch, order: Callable[[int], jax.Array], key: jax.Array,
+               chunks: Iterator[Any], sync: Callable[[Any], bool]) -> Iterator[Dispatched]:
+    """Run ``chunks`` one after another, each dispatched before the one before it is handed out.
+
+    So the host reads and logs a chunk while the next one computes. A chunk for which ``sync(chunk)``
+    is true (asked right after its dispatch: a checkpoint is due, a signal came) is handed out at once,
+    with the state after it, before anything else is dispatched: a save reads that state before the
+    next chunk donates it. The last chunk comes with the state too. ``order(epoch)``: the epoch's batch order.
+    """
+    before = None
+    for chunk in chunks:
+        start = time.perf_counter()
+        state, metrics = runner(state, data, order(chunk.epoch), chunk.start, key, chunk.length)
+        done = Dispatched(chunk, metrics, None, time.perf_counter() - start)
+        if before is not None:
+            yield before
+        before = done
+        if sync(chunk):
+            yield done._replace(state=state)
+            before = None
+    if before is not None:
+        yield before._replace(state=state)

@@ -73,17 +73,22 @@ class OptimConfig:
         object.__setattr__(self, "freeze", tuple(self.freeze))
 
 
-def make_schedule(config: OptimConfig, total_updates: int) -> optax.Schedule:
-    """The learning-rate schedule over ``total_updates`` optimiser updates."""
+def make_schedule(config: OptimConfig, total_updates: int, lr: Any = None) -> optax.Schedule:
+    """The learning-rate schedule over ``total_updates`` optimiser updates.
+
+    ``lr``: the peak learning rate instead of ``config.lr``; it may be a traced value (a sweep's
+    members each train with their own, in one program).
+    """
+    lr = config.lr if lr is None else lr
     if config.schedule == "constant":
-        return optax.constant_schedule(config.lr)
+        return optax.constant_schedule(lr)
     if config.schedule == "linear":
-        return optax.linear_schedule(config.lr, config.end_lr, max(total_updates, 1))
+        return optax.linear_schedule(lr, config.end_lr, max(total_updates, 1))
     decay_steps = max(total_updates - config.warmup_steps, 1)
     return optax.join_schedules(
         [
-            optax.linear_schedule(0.0, config.lr, config.warmup_steps),
-            optax.linear_schedule(config.lr, config.end_lr, decay_steps),
+            optax.linear_schedule(0.0, lr, config.warmup_steps),
+            optax.linear_schedule(lr, config.end_lr, decay_steps),
         ],
         [config.warmup_steps],
     )
@@ -155,7 +160,7 @@ def notices(config: OptimConfig, total_steps: int, names: Any) -> list[str]:
 
 
 def make_optimizer(
-    config: OptimConfig, total_steps: int, params: Any | None = None, names: Any | None = None
+    config: OptimConfig, total_steps: int, params: Any | None = None, names: Any | None = None, *, lr: Any = None
 ) -> optax.GradientTransformation:
     """Compose the optimiser that ``config`` describes.
 
@@ -166,11 +171,12 @@ def make_optimizer(
         params: needed when ``config.freeze`` is set, to label the tree.
         names: each param's functional path, for params in another form (see
             :func:`freeze_labels`).
+        lr: the peak learning rate instead of ``config.lr``, possibly traced (:func:`make_schedule`).
 
     Returns:
         An ``optax.GradientTransformation``.
     """
-    schedule = make_schedule(config, total_steps // config.grad_accum)
+    schedule = make_schedule(config, total_steps // config.grad_accum, lr)
     if config.optimizer == "sgd":
         base = optax.sgd(schedule)
     elif config.optimizer == "adam":

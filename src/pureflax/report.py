@@ -34,8 +34,8 @@ def read_means(means: jax.Array) -> step_lib.Metrics:
     return step_lib.Metrics(*np.asarray(jax.device_get(means), np.float64))
 
 
-@partial(jax.jit, static_argnums=(0, 5))
-def _split_means(eval_step, params, model_state, data: step_lib.Batch, key: jax.Array, batch_size: int) -> jax.Array:
+def split_means(eval_step, params, model_state, data: step_lib.Batch, key: jax.Array, batch_size: int) -> jax.Array:
+    """The (loss, mse, kl) means over ``data`` as a traceable function (:func:`start_evaluation` runs it jitted)."""
     n = data.labels.shape[0]
     full = n // batch_size
 
@@ -50,6 +50,9 @@ def _split_means(eval_step, params, model_state, data: step_lib.Batch, key: jax.
     if n % batch_size:
         total = total + batch_sums(full, jax.tree_util.tree_map(lambda a: a[full * batch_size :], data))
     return total / n
+
+
+_split_means = jax.jit(split_means, static_argnums=(0, 5))
 
 
 @partial(jax.jit, static_argnames="config")

@@ -119,6 +119,11 @@ class Chunk(NamedTuple):
     length: int
 
 
+def end_of(chunk: Chunk, plan: Plan) -> int:
+    """The global step a chunk ends at (steps taken in all once it has run)."""
+    return chunk.epoch * plan.steps_per_epoch + chunk.start + chunk.length
+
+
 def chunks(step: int, plan: Plan) -> Iterator[Chunk]:
     """The chunks from global ``step`` to the end: each ends at a log line, a checkpoint, an epoch's end or the run's end."""
     while step < plan.total:
@@ -483,8 +488,12 @@ class StopFlag:
     def __init__(self, signum: int | None = None):
         self.signum: int | None = signum
         self._old = {}
+        self._depth = 0  # entered this many times (a sweep's run folders share one flag): the outermost installs
 
     def __enter__(self):
+        self._depth += 1
+        if self._depth > 1:
+            return self
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._set)
@@ -497,8 +506,12 @@ class StopFlag:
         self.signum = self.signum or signum  # the first one counts; Ctrl-C held down is one stop
 
     def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth:
+            return
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+        self._old = {}
 
 
 @contextlib.contextmanager
@@ -523,8 +536,9 @@ class RunFolder:
     def __init__(self, out: str | Path, settings: dict[str, Any], plan: Plan, *, resume: bool = False,
                  overwrite: bool = False, keep: int | None = None, keep_best: bool = False,
                  progress: bool | None = None, log: Callable[[str], None] = print, warn: Callable[[str], None] | None = None,
-                 stop: StopFlag | None = None):
+                 stop: StopFlag | None = None, echo: bool = True):
         self.out, self.ckpt_dir = Path(out), Path(out) / "checkpoints"
+        self.echo = echo  # print each log line (a sweep prints one line for all its members instead)
         self.settings, self.plan, self.resume, self.overwrite = settings, plan, resume, overwrite
         self.keep, self.keep_best, self.progress, self.log = keep, keep_best, progress, log
         self._warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
@@ -655,6 +669,7 @@ class RunFolder:
         pos, row = advance(pos, metrics, self.plan)
         if row is not None:
             self.emit(row)
+        if row is not None and self.echo:
             self.bar.write(report.format_line(row["epoch"], row["step"], row["loss"], row["mse"], row["kl"]))
         self.bar.update(len(metrics))
         return pos

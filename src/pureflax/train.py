@@ -327,40 +327,38 @@ def fit(
         else:
             runner = loop.make_per_step_runner(train_step, placement)
 
-        def take(pos: rundir.Position, chunk: tuple[Any, int]) -> rundir.Position:
-            """A dispatched chunk's ``(metrics, length)``: read (waiting for them), checked, recorded."""
-            metrics = loop.read_metrics(*chunk)
+        def take(pos: rundir.Position, done: loop.Dispatched) -> rundir.Position:
+            """A dispatched chunk: its metrics read (waiting for them), checked, recorded."""
+            metrics = loop.read_metrics(done.metrics, done.chunk.length)
             check_finite(metrics, pos.step)
             pos = folder.record(pos, metrics)
             hook("chunk", pos.step)
             return pos
 
-        in_flight = None  # (metrics, length) of the chunk dispatched last, not read yet
-        compile_seconds, steps_start = None, time.perf_counter()
-        for chunk in rundir.chunks(pos.step, plan):
-            if folder.stop_signal is not None and pos.step == first and in_flight is None:
-                raise rundir.Interrupted(folder.stop_signal, pos.step, saved=False)  # no step taken: nothing to save
-            dispatched = time.perf_counter()
-            state, metrics = runner(state, train, order(chunk.epoch), chunk.start, keys.train, chunk.length)
+        def sync(chunk: rundir.Chunk) -> bool:  # a save needs the state after this chunk before the next one donates it
+            return folder.stop_signal is not None or plan.checkpoint_due(rundir.end_of(chunk, plan))
+
+        if folder.stop_signal is not None:
+            raise rundir.Interrupted(folder.stop_signal, pos.step, saved=False)  # no step taken: nothing to save
+        compile_seconds, steps_start, test_means = None, time.perf_counter(), None
+        for done in loop.dispatched(runner, state, train, order, keys.train, rundir.chunks(pos.step, plan), sync):
             if compile_seconds is None:  # the first dispatch returns once the program is compiled (or loaded) and queued
-                compile_seconds = time.perf_counter() - dispatched
-            if folder.stop_signal is not None and pos.step == first and in_flight is None:
+                compile_seconds = done.seconds
+            if folder.stop_signal is not None and pos.step == first and done.state is not None:
                 raise rundir.Interrupted(folder.stop_signal, pos.step, saved=False)  # stopped while it compiled
             folder.wait()  # the previous save commits (or fails, loudly) while this chunk computes
-            if in_flight is not None:  # the chunk before: logged while this one computes (no host stall)
-                pos = take(pos, in_flight)
-            in_flight = metrics, chunk.length
-            end = pos.step + chunk.length
-            if folder.stop_signal is None and not plan.checkpoint_due(end):
-                continue  # the next chunk is dispatched before this one's metrics are read
-            pos, in_flight = take(pos, in_flight), None  # a save needs this state before the next chunk donates it
+            if done.state is None:
+                pos = take(pos, done)  # logged while the next chunk computes (no host stall)
+                continue
+            state = done.state
+            if rundir.end_of(done.chunk, plan) == plan.total and folder.stop_signal is None:
+                test_means = start_evaluation(state)  # its program is prepared while the last chunk computes
+            pos = take(pos, done)
             if folder.stop_signal is not None or plan.checkpoint_due(pos.step):
                 folder.save(backend.to_functional(state), pos, float(evaluated(start_evaluation(state), pos.step).loss) if config.keep_best else None)
             if folder.stop_signal is not None:
                 raise rundir.Interrupted(folder.stop_signal, pos.step)
-        test_means = start_evaluation(state)  # its program is prepared while the last chunk computes
-        if in_flight is not None:
-            pos = take(pos, in_flight)
+        test_means = start_evaluation(state) if test_means is None else test_means
         compile_seconds = compile_seconds or 0.0  # None: a resumed run with no step left to take
         steps_seconds = time.perf_counter() - steps_start - compile_seconds
         test_metrics = evaluated(test_means, pos.step)
