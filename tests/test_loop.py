@@ -151,6 +151,13 @@ for devices in (1, 4):
     sys.stdout.flush()
     if code:
         sys.exit(code)
+for devices in (1, 4):  # a sweep of 4 members, split over the devices
+    print(f"=== sweep --devices {devices}", flush=True)
+    code = main(["--data", sys.argv[2], "--out", f"{sys.argv[3]}/s{devices}", "--epochs", "1", "--seeds", "0-3",
+                 "--batch-size", "16", "--log-every", "4", "--devices", str(devices), "--no-pictures"])
+    sys.stdout.flush()
+    if code:
+        sys.exit(code)
 """
 
 
@@ -165,7 +172,15 @@ def test_four_devices_match_one_device(tmp_path):
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    _, one, four = result.stdout.split("=== --devices ")
+    runs, sweeps = result.stdout.split("=== sweep --devices ", 1)
+    _, one, four = runs.split("=== --devices ")
+    assert "a sweep of 4 members in one program (fused, members split over 4 devices)" in sweeps
+    for seed in range(4):  # each member trains on its share of the devices as it does on one
+        member = [[tmp_path / f"s{devices}" / f"seed-{seed}" / "metrics.jsonl"] for devices in (1, 4)]
+        rows = [[json.loads(line) for line in path.read_text().splitlines()] for (path,) in member]
+        losses = [np.array([[r["loss"], r["mse"], r["kl"]] for r in found if "loss" in r and "step" in r]) for found in rows]
+        np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+        assert abs(rows[1][-1]["test_loss"] - rows[0][-1]["test_loss"]) <= 1e-5 * abs(rows[0][-1]["test_loss"])
     logs = {}
     for devices, stdout in ((1, one), (4, four)):
         assert stdout.startswith(f"{devices}\n")

@@ -17,30 +17,21 @@ import pytest
 
 from pureflax import checkpoint, sweep, train
 from pureflax.compat import trained
-from pureflax.data import save_mnist
 
-from tiny import ROOT, load_script, tiny_mnist
+from tiny import ROOT, Crash, flags, load_script, saved_mnist
 
 TRAIN, CHECKPOINTS = load_script("train"), load_script("checkpoints")
 
 
-class Crash(BaseException):
-    """What a kill looks like from inside: nothing below catches it."""
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "mnist"
-    save_mnist(tiny_mnist(n_train=80, n_test=16), path)  # 10 steps per epoch at batch 8
-    return path
+    return saved_mnist(tmp_path_factory, n_train=80)  # 10 steps per epoch at batch 8
 
 
 def args_for(data, out, *extra):
     """train.py's flags for these sweeps, a flag in ``extra`` replacing its value here."""
-    extra = list(map(str, extra))
     base = {"--data": data, "--out": out, "--batch-size": 8, "--epochs": 2, "--log-every": 5, "--ckpt-every": 10, "--latent-dim": 4}
-    flags = [str(x) for flag, value in base.items() if flag not in extra for x in (flag, value)]
-    return [*flags, "--no-pictures", "--no-compile-cache", *extra]
+    return flags(base, ["--no-pictures", "--no-compile-cache", *extra])
 
 
 def cli(capsys, args, **kwargs):
@@ -82,14 +73,15 @@ def assert_close(a, b, rtol=1e-5):
 
 SWEEP = ["--seeds", "0,1", "--sweep", "lr=1e-3,3e-3"]
 NAMES = ["seed-0_lr-0.001", "seed-0_lr-0.003", "seed-1_lr-0.001", "seed-1_lr-0.003"]
+SEPARATE = [NAMES[0], NAMES[3]]  # the two members that share neither seed nor lr, each also run on its own
 
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
-    """The uninterrupted sweep, and each member run on its own."""
+    """The uninterrupted sweep, and two of its members run on their own."""
     root = tmp_path_factory.mktemp("reference")
     assert TRAIN.main(args_for(data, root / "sweep", *SWEEP)) == 0
-    for name in NAMES:
+    for name in SEPARATE:
         seed, lr = name.split("_")
         assert TRAIN.main(args_for(data, root / "single" / name, "--seed", seed.split("-")[1], "--lr", lr.split("-")[1])) == 0
     return root
@@ -114,7 +106,7 @@ def test_each_member_matches_a_separate_run_and_is_a_run_like_any_other(referenc
     assert all(m["status"] == "finished" and m["steps"] == 20 for m in record["members"])
     best = min(record["members"], key=lambda m: m["test_loss"])
     assert record["best"] == best["name"]
-    for name in NAMES:
+    for name in SEPARATE:
         member, single = reference / "sweep" / name, reference / "single" / name
         assert_close(member, single)
         meta = checkpoint.read_meta(member / "checkpoints", 20)
@@ -134,14 +126,22 @@ def test_a_member_folder_resumes_as_a_single_run(reference, data, tmp_path, caps
     assert rows(out)[-1]["steps"] == 30
 
 
+GRID = ["--sweep", "lr=1e-3,3e-3", "kl_weight=0.5,1", "--epochs", 1]
+
+
+@pytest.fixture(scope="module")
+def functional_grid(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid") / "functional"
+    assert TRAIN.main(args_for(data, out, *GRID)) == 0
+    return out
+
+
 @pytest.mark.parametrize("backend", ["equinox", "flax", "nnx"])
-def test_every_backend_sweeps_lr_and_kl_weight_as_the_functional_form_does(backend, data, tmp_path, capsys):
-    grid = ["--sweep", "lr=1e-3,3e-3", "kl_weight=0.5,1"]
-    for form in ("functional", backend):
-        code, stdout, err = cli(capsys, args_for(data, tmp_path / form, *grid, "--backend", form, "--epochs", 1))
-        assert code == 0, err
+def test_every_backend_sweeps_lr_and_kl_weight_as_the_functional_form_does(backend, data, functional_grid, tmp_path, capsys):
+    code, stdout, err = cli(capsys, args_for(data, tmp_path / backend, *GRID, "--backend", backend))
+    assert code == 0, err
     for name in ("lr-0.001_kl_weight-0.5", "lr-0.001_kl_weight-1", "lr-0.003_kl_weight-0.5", "lr-0.003_kl_weight-1"):
-        assert_close(tmp_path / backend / name, tmp_path / "functional" / name)
+        assert_close(tmp_path / backend / name, functional_grid / name)
 
 
 def test_per_step_sweeps_and_the_conv_model_match_separate_runs(data, tmp_path, capsys):
@@ -239,3 +239,22 @@ def test_kill_9_of_a_sweep_then_resume_ends_where_the_uninterrupted_sweep_ends(r
     assert TRAIN.main(args_for(data, uninterrupted, *SWEEP, "--epochs", 8)) == 0
     for name in NAMES:
         assert_close(out / name, uninterrupted / name, rtol=1e-6)
+
+
+def test_a_signal_saves_every_member_where_it_is_and_resume_ends_as_the_uninterrupted_sweep(reference, data, tmp_path, capsys):
+    from pureflax import rundir
+
+    out = tmp_path / "out"
+
+    def signal_at(event, at):
+        if event == "chunk" and at == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the sweep's StopFlag, in this process
+
+    with pytest.raises(rundir.Interrupted) as stopped:
+        sweep_like_cli(args_for(data, out, *SWEEP), hook=signal_at)
+    assert stopped.value.step == 10 and stopped.value.saved  # the chunk under way when it came ends at 10
+    assert all(checkpoint.all_steps(out / name / "checkpoints") == [10] for name in NAMES)
+    code, stdout, err = cli(capsys, args_for(data, out, *SWEEP, "--resume"))
+    assert code == 0, err
+    for name in NAMES:
+        assert_close(out / name, reference / "sweep" / name, rtol=1e-6)

@@ -29,3 +29,22 @@ def load_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class Crash(BaseException):
+    """What a kill looks like from inside a run (raised by its hook): nothing below catches it, nothing is saved."""
+
+
+def flags(base, extra):
+    """A script's flags: ``base`` (flag -> value) with a flag in ``extra`` replacing its value there, then ``extra``."""
+    extra = list(map(str, extra))
+    return [*(str(x) for flag, value in base.items() if flag not in extra for x in (flag, value)), *extra]
+
+
+def saved_mnist(tmp_path_factory, n_train, n_test=16):
+    """:func:`tiny_mnist` saved as ``train.py --data`` reads it, in a folder of the test session."""
+    from pureflax.data import save_mnist
+
+    path = tmp_path_factory.mktemp("data") / "mnist"
+    save_mnist(tiny_mnist(n_train=n_train, n_test=n_test), path)
+    return path

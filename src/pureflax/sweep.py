@@ -224,18 +224,33 @@ def available_bytes(device: jax.Device) -> int | None:
     return None
 
 
-def check_memory(members: int, per_member: int, fixed: int, device: jax.Device) -> None:
-    """Refuse a sweep whose estimate exceeds the memory free on ``device``, naming the estimate.
+def compiled_bytes(member_step: Callable, state: Any, batch: step_lib.Batch, key: jax.Array, hyper: Hyper) -> int:
+    """One member's memory in a step as XLA plans it: the compiled step's arguments, outputs not aliased to them, and scratch."""
+    memory = jax.jit(member_step, donate_argnums=0).lower(state, batch, key, hyper).compile().memory_analysis()
+    if memory is None:  # a backend that does not report it
+        return member_bytes(member_step, state, batch, key, hyper)
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
+
+
+def check_memory(members: int, bound: int, fixed: int, device: jax.Device, exact: Callable[[], int]) -> None:
+    """Refuse a sweep whose memory exceeds what is free on ``device``, naming the estimate.
+
+    ``bound`` is a member's upper bound (:func:`member_bytes`, from tracing alone); only when
+    ``members`` of it do not fit is ``exact()`` (:func:`compiled_bytes`, a compile) asked.
 
     Raises:
         SweepError: too large; the message gives the estimate, what is free and how many members fit.
     """
     free = available_bytes(device)
+    if free is None or members * bound + fixed <= free:
+        return
+    per_member = exact()
     need = members * per_member + fixed
-    if free is not None and need > free:
+    if need > free:
         fit = max((free - fixed) // per_member, 0)
-        raise SweepError(f"a sweep of {members} members needs about {need / 1e9:.1f} GB ({per_member / 1e6:.1f} MB a member, "
-                         f"at most, and {fixed / 1e6:.0f} MB of data) and {device.platform} has {free / 1e9:.1f} GB free; "
+        raise SweepError(f"a sweep of {members} members needs about {need / 1e9:.1f} GB ({per_member / 1e6:.1f} MB a member "
+                         f"and {fixed / 1e6:.0f} MB of data) and {device.platform} has {free / 1e9:.1f} GB free; "
                          f"about {fit} members fit: sweep fewer at a time")
 
 
@@ -381,8 +396,8 @@ def fit_sweep(
     batch = step_lib.Batch(jax.ShapeDtypeStruct((config.batch_size, config.model.input_dim), np.uint8),
                            jax.ShapeDtypeStruct((config.batch_size,), np.int32))
     fixed = sum(np.asarray(a).nbytes for a in (*mnist.train, *mnist.test))
-    per_member = member_bytes(member_step, jax.eval_shape(create, params), batch, first.train, hyper_of(config))
-    check_memory(count, per_member, fixed, jax.devices()[0])  # before anything is allocated
+    args = (member_step, jax.eval_shape(create, params), batch, first.train, hyper_of(config))
+    check_memory(count, member_bytes(*args), fixed, jax.devices()[0], lambda: compiled_bytes(*args))  # before anything is allocated
 
     configs = [m.config.resolved() for m in members]
     keys = [train.make_keys(c.seed) for c in configs]
