@@ -138,6 +138,12 @@ def build_parser() -> Parser:
     p.add_argument("--keep", type=positive_int, default=None, help="keep the newest N checkpoints (default: all)")
     p.add_argument("--keep-best", action="store_true", help="with --keep: also keep the checkpoint with the best test loss")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest good checkpoint")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several processes: process 0's address, which every process gives (jax.distributed)")
+    p.add_argument("--num-processes", type=positive_int, default=None, help="with --coordinator: how many processes take part")
+    p.add_argument("--process-id", type=non_negative_int, default=None, help="with --coordinator: this process's number, 0 .. N-1")
+    p.add_argument("--join-timeout", type=positive_int, default=60,
+                   help="with --coordinator: seconds to wait for the coordinator and the other processes (default 60)")
     p.add_argument("--seeds", type=seed_list, default=None,
                    help="a sweep: train these seeds together in one program (0,1,2,3 or 0-3), each member in its own folder under --out")
     p.add_argument("--sweep", type=sweep_axis, nargs="+", default=None, metavar="SETTING=V1,V2",
@@ -159,10 +165,16 @@ def configure(args: argparse.Namespace):
     )
     if args.freeze:  # check the paths now, on shapes only, before any data is loaded
         optim.freeze_labels(jax.eval_shape(lambda: models.of(model).init(jax.random.PRNGKey(0))), args.freeze)
+    devices = args.devices
+    if jax.process_count() > 1:  # several processes: one mesh over every process's devices
+        if args.devices not in (1, jax.device_count()):
+            raise ValueError(f"--devices {args.devices}: with {jax.process_count()} processes the run spans all "
+                             f"{jax.device_count()} of their devices; leave --devices out")
+        devices = jax.device_count()
     return TrainConfig(  # resolved: the run's banner and its recorded settings say how it steps
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, kl_weight=args.kl_weight,
         seed=args.seed, log_every=args.log_every, native_init=args.init == "native", model=model, optim=optimizer,
-        fuse=args.fuse, devices=args.devices, pictures=not args.no_pictures, ckpt_every=args.ckpt_every, keep=args.keep, keep_best=args.keep_best,
+        fuse=args.fuse, devices=devices, pictures=not args.no_pictures, ckpt_every=args.ckpt_every, keep=args.keep, keep_best=args.keep_best,
     ).resolved()
 
 
@@ -221,8 +233,31 @@ def main(argv: list[str] | None = None, early: list[int] | tuple[int, ...] = ())
             return 128 + err.signum
 
 
+def join(parser, args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` for --coordinator/--num-processes/--process-id, before anything touches JAX."""
+    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if not any(given):
+        return
+    if not all(given):
+        parser.error("--coordinator, --num-processes and --process-id go together: give all three")
+    if args.process_id >= args.num_processes:
+        parser.error(f"--process-id {args.process_id} is not below --num-processes {args.num_processes} (they count from 0)")
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        parser.error(f"--coordinator {args.coordinator!r}: expected HOST:PORT, such as 127.0.0.1:12345")
+    from pureflax import distributed
+
+    try:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, wait=args.join_timeout)
+    except distributed.JoinError as err:
+        parser.error(str(err))
+
+
 def run(parser, args: argparse.Namespace, argv: list[str], stop) -> int:
     """Everything after the flags parse, watching ``stop`` (a rundir.StopFlag) from the start."""
+    join(parser, args)
+    import jax
+
     from pureflax import checkpoint, loop, rundir, train
     from pureflax import data as data_lib
     from pureflax.compat.backends import get_backend
@@ -236,9 +271,17 @@ def run(parser, args: argparse.Namespace, argv: list[str], stop) -> int:
     try:
         config = configure(args)
         members = sweep_members(args, config, argv)
+        if members is not None and jax.process_count() > 1:
+            raise ValueError("--seeds and --sweep train in one process; with several processes, train each run on its own")
+        if args.coordinator is not None:  # every process must train the same run: compared before any work
+            from pureflax import distributed, rundir as rundir_lib
+
+            distributed.agree({**rundir_lib.settings_of(config, args.backend, str(args.data)), "out": str(args.out.absolute()),
+                               "resume": args.resume, "overwrite": args.overwrite}, timeout=args.join_timeout)
         if members is None:
             loop.make_placement(config.devices, config.batch_size)  # enough devices, an even split: before any work
-            rundir.check(args.out, overwrite=args.overwrite, resume=args.resume)
+            if jax.process_index() == 0:  # the folder is the first process's to check and hold
+                rundir.check(args.out, overwrite=args.overwrite, resume=args.resume)
         else:
             loop.make_placement(config.devices, len(members))
             sweep.check(args.out, [m.name for m in members], overwrite=args.overwrite, resume=args.resume)

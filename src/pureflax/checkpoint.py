@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 import xxhash
 from orbax.checkpoint import checkpoint_managers as cm
 
+from pureflax.distributed import host
 from pureflax.optim import path_str
 
 
@@ -117,7 +118,7 @@ def save_with(mgr: ocp.CheckpointManager, state: Any, meta: dict[str, Any] | Non
 
     ``test_loss`` goes to orbax as the step's metrics, which its ``BestN`` policy ranks.
     """
-    step, tree = int(jax.device_get(state.step)), _as_tree(state)
+    step, tree = int(host(state.step)), _as_tree(state)
     meta = {**(meta or {}), ARRAYS: array_digests(tree)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
     mgr.save(step, args=args, force=True, metrics=None if test_loss is None else {"test_loss": test_loss})
@@ -258,9 +259,9 @@ def _bytes(x: Any) -> memoryview:
 
 def array_digests(tree: Any) -> dict[str, list[Any]]:
     """``{path: [shape, dtype, xxh3 of the bytes]}`` for every array of ``tree`` (read to the host)."""
-    host = jax.device_get(tree)
+    local = host(tree)
     return {path_str(p): [list(np.shape(x)), str(np.asarray(x).dtype), xxhash.xxh3_64_hexdigest(_bytes(x))]
-            for p, x in jax.tree_util.tree_leaves_with_path(host)}
+            for p, x in jax.tree_util.tree_leaves_with_path(local)}
 
 
 def file_digest(path: str | Path) -> str:
@@ -447,7 +448,12 @@ def _read_state(directory: str | Path, step: int, abstract: Any = None) -> Any:
     handler = ocp.StandardCheckpointHandler()  # the item alone: no manager listing the other steps
     path = (Path(directory) / str(step) / "state").absolute()
     try:
-        return handler.restore(path) if abstract is None else handler.restore(path, args=ocp.args.StandardRestore(abstract))
+        if abstract is None:  # as saved, onto this process's first device (a multi-process save recorded a mesh over them all)
+            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here)
+                                              if hasattr(leaf, "shape") else leaf, handler.metadata(path),
+                                              is_leaf=lambda leaf: hasattr(leaf, "shape"))
+        return handler.restore(path, args=ocp.args.StandardRestore(abstract))
     except Exception as err:  # tensorstore and orbax report unreadable files in many error types
         raise Damaged(step, f"its arrays cannot be read ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]})") from None
     finally:

@@ -40,6 +40,20 @@ from pureflax.step import Batch
 Runner = Callable[..., tuple[Any, jax.Array]]
 
 
+def _put(tree: Any, sharding: NamedSharding) -> Any:
+    """``jax.device_put(tree, sharding)``; onto a mesh spanning several processes, each process supplies its own shards.
+
+    There a process's device arrays cannot move onto other processes' devices (JAX has no transfer
+    between hosts on CPU): each leaf is read to the host, the same in every process, and
+    ``jax.make_array_from_callback`` builds the global array from this process's part of it.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    from pureflax.distributed import host
+
+    return jax.tree_util.tree_map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index]), host(tree))
+
+
 class Placement(NamedTuple):
     """Where arrays live: one device (``mesh is None``) or a 1-D ``'data'`` mesh."""
 
@@ -49,13 +63,13 @@ class Placement(NamedTuple):
         """Put ``tree`` on the device(s): one copy per device when data parallel."""
         if self.mesh is None:
             return jax.device_put(tree)
-        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+        return _put(tree, NamedSharding(self.mesh, PartitionSpec()))
 
     def split(self, tree: Any) -> Any:
         """Put ``tree`` on the device(s), each device holding its share of the leading axis (a sweep's members)."""
         if self.mesh is None:
             return jax.device_put(tree)
-        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec("data")))
+        return _put(tree, NamedSharding(self.mesh, PartitionSpec("data")))
 
     def shard_batch(self, batch: Batch) -> Batch:
         """Inside a jitted function: split the batch along its first axis over the devices."""
@@ -140,7 +154,9 @@ class FusedRunner(NamedTuple):
 
 def read_metrics(metrics: jax.Array, length: int) -> np.ndarray:
     """A chunk's metrics on the host, (length, 3) float64 ((length, 3, members) for a sweep): waits for the chunk, drops its padding."""
-    return np.asarray(jax.device_get(metrics), np.float64)[:length]
+    from pureflax.distributed import host
+
+    return np.asarray(host(metrics), np.float64)[:length]
 
 
 def make_fused_runner(train_step: Callable, placement: Placement = Placement(None), capacity: int = 1,

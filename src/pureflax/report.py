@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pureflax import models, step as step_lib, viz
+from pureflax.distributed import host
 
 
 def evaluate(eval_step, params, data: step_lib.Batch, key: jax.Array, batch_size: int, model_state=None) -> step_lib.Metrics:
@@ -31,7 +32,7 @@ def start_evaluation(eval_step, params, data: step_lib.Batch, key: jax.Array, ba
 
 def read_means(means: jax.Array) -> step_lib.Metrics:
     """The (loss, mse, kl) means of :func:`start_evaluation` on the host (waiting for them)."""
-    return step_lib.Metrics(*np.asarray(jax.device_get(means), np.float64))
+    return step_lib.Metrics(*np.asarray(host(means), np.float64))
 
 
 def split_means(eval_step, params, model_state, data: step_lib.Batch, key: jax.Array, batch_size: int) -> jax.Array:
@@ -71,11 +72,11 @@ def write_pictures(params, model_state, test: step_lib.Batch, model: models.Mode
     """samples.png (row r = class r), reconstructions.png and loss.png; ``model_state`` is ``{}`` for the MLP."""
     labels = jnp.repeat(jnp.arange(model.num_classes), 10)
     samples = _samples(params, model_state, labels, key, config=model)  # compiled once per model and process
-    viz.save_samples(np.asarray(samples), out / "samples.png", model.num_classes)
+    viz.save_samples(np.asarray(host(samples)), out / "samples.png", model.num_classes)
     n = min(40, (test.labels.shape[0] // 10) * 10)
     if n:
         x, c = step_lib.to_inputs(step_lib.Batch(test.images[:n], test.labels[:n]), model.num_classes)
-        viz.save_reconstructions(np.asarray(x), np.asarray(_reconstruct(params, model_state, x, c, config=model)), out / "reconstructions.png")
+        viz.save_reconstructions(np.asarray(x), np.asarray(host(_reconstruct(params, model_state, x, c, config=model))), out / "reconstructions.png")
     steps = [row["global_step"] for row in log]
     curves = {name: [row[name] for row in log] for name in ("loss", "mse", "kl")}
     viz.save_loss_curve(steps, curves, out / "loss.png", test_loss)

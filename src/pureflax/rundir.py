@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from pureflax import checkpoint, models, report
+from pureflax import checkpoint, distributed, models, report
 
 PICTURES = ("samples.png", "reconstructions.png", "loss.png")
 RUN_FILES = ("metrics.jsonl", *PICTURES, "checkpoints")
@@ -204,7 +204,8 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def settings_of(config: Any, backend: str, data: str) -> dict[str, Any]:
     """A run's full settings as recorded in each checkpoint: the config, the model kind, the backend, the data's sha256."""
-    return flatten({**dataclasses.asdict(config), "model_kind": models.kind_of(config.model), "backend": backend, "data": data})
+    return flatten({**dataclasses.asdict(config), "model_kind": models.kind_of(config.model), "backend": backend, "data": data,
+                    "processes": distributed.process_count()})
 
 
 def flag_of(name: str) -> str:
@@ -539,6 +540,9 @@ class RunFolder:
                  stop: StopFlag | None = None, echo: bool = True):
         self.out, self.ckpt_dir = Path(out), Path(out) / "checkpoints"
         self.echo = echo  # print each log line (a sweep prints one line for all its members instead)
+        self.primary = distributed.primary()  # of several processes, only the first writes the folder; all take part in saves
+        if not self.primary:  # its messages are the primary's to print
+            self.log, self._warn = (lambda message: None), (lambda message: None)
         self.settings, self.plan, self.resume, self.overwrite = settings, plan, resume, overwrite
         self.keep, self.keep_best, self.progress, self.log = keep, keep_best, progress, log
         self._warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
@@ -550,6 +554,10 @@ class RunFolder:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> RunFolder:
+        if not self.primary:  # the primary checks, locks and sets the folder up; the others wait for it
+            distributed.barrier(f"pureflax-set-up {self.out}")
+            self.stop = self._stack.enter_context(self.stop or StopFlag())
+            return self
         _check_contents(self.out, self.overwrite, self.resume)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -560,6 +568,7 @@ class RunFolder:
         _discard(_leftovers(self.out))  # an overwrite killed before it could delete the run it replaced
         if self.overwrite and not self.resume:
             self._replaced = move_aside(self.out)
+        distributed.barrier(f"pureflax-set-up {self.out}")
         self.stop = self._stack.enter_context(self.stop or StopFlag())
         return self
 
@@ -588,21 +597,23 @@ class RunFolder:
                 self.log(f"metrics.jsonl: dropped its last line, cut short by the stop ({len(log.cut)} bytes: {shown!r})")
             self.rows = rows_up_to(log.rows, position.step)
             later = [row for row in log.rows if row not in self.rows]
-            if later:
+            if later and self.primary:
                 self.log(f"metrics.jsonl: {len(later)} row(s) logged after step {position.step} are written again from there")
             if notes:
                 self.rows.append({"event": "resume", "global_step": position.step, "changed": notes})
-            _write_rows(path, self.rows)
-            self._file = self._stack.enter_context(open(path, "a"))
+            if self.primary:
+                _write_rows(path, self.rows)
+                self._file = self._stack.enter_context(open(path, "a"))
             self._manager = self._stack.enter_context(
-                checkpoint.manager(self.ckpt_dir, keep=self.keep, keep_best=self.keep_best, cleanup=True))
+                checkpoint.manager(self.ckpt_dir, keep=self.keep, keep_best=self.keep_best, cleanup=self.primary))
+        distributed.barrier(f"pureflax-started {self.out}")
         self._stack.callback(self._settle)  # registered after the manager: runs before it closes
         _discard(self._replaced)  # the new run is set up: the one it replaces goes
-        disable = None if self.progress is None else not self.progress
+        disable = None if self.progress is None and self.primary else not (self.progress and self.primary)
         self.bar = self._stack.enter_context(
             tqdm(total=self.plan.total, initial=position.step, disable=disable, unit="step", dynamic_ncols=True)
         )
-        if self.resume:
+        if self.resume and self.primary:
             self.log(f"resuming from step {position.step} of {self.plan.total}")
         return state, position
 
@@ -634,6 +645,8 @@ class RunFolder:
         raise ResumeError(f"--resume: no checkpoint in {self.ckpt_dir} can be restored ({why}); start again with --overwrite")
 
     def _set_aside(self, step: int, why: str) -> None:
+        if not self.primary:
+            return
         moved = checkpoint.set_aside(self.ckpt_dir, step)
         self.log(f"checkpoint step {step} is damaged ({why}); set aside as {moved.name}")
 
@@ -669,12 +682,15 @@ class RunFolder:
         pos, row = advance(pos, metrics, self.plan)
         if row is not None:
             self.emit(row)
-        if row is not None and self.echo:
+        if row is not None and self.echo and self.primary:
             self.bar.write(report.format_line(row["epoch"], row["step"], row["loss"], row["mse"], row["kl"]))
         self.bar.update(len(metrics))
         return pos
 
     def emit(self, row: dict[str, Any]) -> None:
+        if not self.primary:
+            self.rows.append(row)
+            return
         with _writing("metrics.jsonl", row.get("global_step", row.get("steps", 0)), self.out):
             self._file.write(dumps(row) + "\n")
             self._file.flush()  # a crash keeps every line already logged
@@ -706,7 +722,8 @@ class RunFolder:
         with _writing("checkpoint", step, self.ckpt_dir):
             self._manager.wait_until_finished()
             self._manager.check_for_errors()
-            checkpoint.seal(self.ckpt_dir, step)
+            if self.primary:
+                checkpoint.seal(self.ckpt_dir, step)
         self.saved = step
 
     def _settle(self) -> None:
