@@ -182,3 +182,17 @@ def test_a_coordinator_that_does_not_answer_is_one_line_within_seconds(tmp_path,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and time.time() - start < 10
     assert err == f"train.py: error: --coordinator 127.0.0.1:{port} does not answer after 2 s: start process 0 there first, or check the address and port\n"
+
+
+def test_a_multi_process_run_resumes_in_one_process_noting_the_change(runs, tmp_path, capsys):
+    import shutil
+
+    root, data, _ = runs
+    out = tmp_path / "out"
+    shutil.copytree(root / "p2x1", out)
+    code = TRAIN.main(args_for(data, out, "--max-steps", STEPS + 20, "--resume"))
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert f"resuming from step {STEPS} of {STEPS + 20}" in stdout
+    assert "resume: --devices is 1 from here on (the run had 2)" in stdout and "--num-processes is 1 from here on (the run had 2)" in stdout
+    assert losses(out)[1][-1]["steps"] == STEPS + 20

@@ -184,7 +184,8 @@ FIXED = {
     "seed": "the data order and every key derive from it",
     "data": "the saved position indexes into that data",
 }
-FLAGS = {"native_init": "--init", "fuse": "--no-fuse", "data": "--data", "model_kind": "--model", "pictures": "--no-pictures"}
+FLAGS = {"native_init": "--init", "fuse": "--no-fuse", "data": "--data", "model_kind": "--model", "pictures": "--no-pictures",
+         "processes": "--num-processes"}
 # Settings set by a --no-X flag: True means the flag is absent.
 NEGATED = {"fuse", "pictures"}
 # Settings that runs recorded before the setting existed had, in effect.
