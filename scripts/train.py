@@ -144,6 +144,8 @@ def build_parser() -> Parser:
     p.add_argument("--process-id", type=non_negative_int, default=None, help="with --coordinator: this process's number, 0 .. N-1")
     p.add_argument("--join-timeout", type=positive_int, default=60,
                    help="with --coordinator: seconds to wait for the coordinator and the other processes (default 60)")
+    p.add_argument("--lost-after", type=positive_int, default=10,
+                   help="with --coordinator: seconds of silence after which another process counts as dead and this one stops (default 10)")
     p.add_argument("--seeds", type=seed_list, default=None,
                    help="a sweep: train these seeds together in one program (0,1,2,3 or 0-3), each member in its own folder under --out")
     p.add_argument("--sweep", type=sweep_axis, nargs="+", default=None, metavar="SETTING=V1,V2",
@@ -248,7 +250,7 @@ def join(parser, args: argparse.Namespace) -> None:
     from pureflax import distributed
 
     try:
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id, wait=args.join_timeout)
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, wait=args.join_timeout, silence=args.lost_after)
     except distributed.JoinError as err:
         parser.error(str(err))
 

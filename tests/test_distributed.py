@@ -125,7 +125,7 @@ def test_a_multi_process_checkpoint_loads_in_every_form(runs):
 def test_a_killed_process_stops_the_other_within_a_minute_and_both_resume_to_the_uninterrupted_end(runs, tmp_path):
     root, data, _ = runs
     out = tmp_path / "out"
-    procs = start_processes(data, out)
+    procs = start_processes(data, out, "--lost-after", 3)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not any(s >= 20 for s in checkpoint.all_steps(out / "checkpoints")
@@ -140,7 +140,7 @@ def test_a_killed_process_stops_the_other_within_a_minute_and_both_resume_to_the
         finish(procs, timeout=5)
     assert procs[0].returncode != 0 and stopped < 60
     last = [line for line in err.splitlines() if line.startswith("train.py:")]
-    assert last == ["train.py: process 1 of 2 stopped answering 10 s ago (killed, or its host is gone); "
+    assert last == ["train.py: process 1 of 2 stopped answering 3 s ago (killed, or its host is gone); "
                     "process 0 stops too: start every process again with --resume"], err[-2000:]
     killed_at = max(checkpoint.all_steps(out / "checkpoints"))
     assert killed_at < STEPS
