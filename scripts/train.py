@@ -239,6 +239,12 @@ def join(parser, args: argparse.Namespace) -> None:
     """``jax.distributed.initialize`` for --coordinator/--num-processes/--process-id, before anything touches JAX."""
     given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
     if not any(given):
+        from pureflax import distributed
+
+        cluster = distributed.detected_cluster()
+        if cluster is not None:  # a SLURM, Open MPI or GKE TPU job of several processes: JAX reads the rest from it
+            print(f"joining a {cluster[0]} job of {cluster[1]} processes (JAX's cluster detection)")
+            distributed.initialize(None, None, None, wait=args.join_timeout, silence=args.lost_after)
         return
     if not all(given):
         parser.error("--coordinator, --num-processes and --process-id go together: give all three")
@@ -275,7 +281,7 @@ def run(parser, args: argparse.Namespace, argv: list[str], stop) -> int:
         members = sweep_members(args, config, argv)
         if members is not None and jax.process_count() > 1:
             raise ValueError("--seeds and --sweep train in one process; with several processes, train each run on its own")
-        if args.coordinator is not None:  # every process must train the same run: compared before any work
+        if jax.process_count() > 1:  # every process must train the same run: compared before any work
             from pureflax import distributed, rundir as rundir_lib
 
             distributed.agree({**rundir_lib.settings_of(config, args.backend, str(args.data)), "out": str(args.out.absolute()),

@@ -196,3 +196,18 @@ def test_a_multi_process_run_resumes_in_one_process_noting_the_change(runs, tmp_
     assert f"resuming from step {STEPS} of {STEPS + 20}" in stdout
     assert "resume: --devices is 1 from here on (the run had 2)" in stdout and "--num-processes is 1 from here on (the run had 2)" in stdout
     assert losses(out)[1][-1]["steps"] == STEPS + 20
+
+
+def test_a_cluster_job_of_several_processes_is_detected_from_its_environment(monkeypatch):
+    from pureflax import distributed
+
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+             "SLURM_LOCALID": "0"}
+    for name in slurm:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.detected_cluster() is None  # no cluster: train.py runs one process, as always
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.detected_cluster() == ("Slurm", 2)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.detected_cluster() is None  # a job of one process joins nothing

@@ -74,10 +74,36 @@ def _answers(host: str, port: int, seconds: float | int) -> bool:
     return False
 
 
-def initialize(coordinator: str, num_processes: int, process_id: int, *, wait: float | int = 30.0, silence: float | int = 10.0,
+# The clusters whose jobs join without flags, through JAX's own detection: those it recognises from the
+# environment alone (its Cloud TPU detection asks the VM's metadata server: a wait on every other machine).
+AUTO_CLUSTERS = ("SlurmCluster", "OmpiCluster", "GkeTpuCluster")
+
+
+def detected_cluster() -> tuple[str, int] | None:
+    """``(name, processes)`` of the cluster job this process belongs to, when JAX detects one of several processes.
+
+    Example:
+        >>> detected_cluster() is None  # not inside a SLURM, Open MPI or GKE TPU job of several processes
+        True
+    """
+    from jax._src.clusters import ClusterEnv
+
+    for env in ClusterEnv._cluster_types:
+        if env.__name__ not in AUTO_CLUSTERS:
+            continue
+        try:
+            if env.is_env_present() and env.get_process_count() > 1:
+                return env.__name__.removesuffix("Cluster"), env.get_process_count()
+        except (KeyError, ValueError):  # a variable set but not a count
+            continue
+    return None
+
+
+def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None, *, wait: float | int = 30.0, silence: float | int = 10.0,
                on_loss: Callable[[str], None] | None = None) -> None:
     """Join the run: ``jax.distributed.initialize``, with every process's devices in one ``jax.devices()``.
 
+    All three ``None``: JAX takes them from the cluster job's environment (:func:`detected_cluster`).
     A process other than 0 first checks that the coordinator answers (within ``wait`` seconds),
     so a wrong address is one line rather than JAX's abort after its own timeout. Then a watch
     (:func:`watch`) stops this process, calling ``on_loss(message)``, once another process has
@@ -86,10 +112,11 @@ def initialize(coordinator: str, num_processes: int, process_id: int, *, wait: f
     Raises:
         JoinError: the coordinator does not answer.
     """
-    host, _, port = coordinator.rpartition(":")
-    if process_id != 0 and not _answers(host, int(port), wait):
-        raise JoinError(f"--coordinator {coordinator} does not answer after {wait:.0f} s: start process 0 there first, "
-                        "or check the address and port")
+    if coordinator is not None:  # None: JAX reads all three from the cluster's environment (detected_cluster)
+        host, _, port = coordinator.rpartition(":")
+        if process_id != 0 and not _answers(host, int(port), wait):
+            raise JoinError(f"--coordinator {coordinator} does not answer after {wait:.0f} s: start process 0 there first, "
+                            "or check the address and port")
     jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=int(wait) + 30,
                                heartbeat_timeout_seconds=int(3 * silence))
     watch(silence, on_loss or _lost)
