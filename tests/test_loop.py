@@ -158,6 +158,23 @@ for devices in (1, 4):  # a sweep of 4 members, split over the devices
     sys.stdout.flush()
     if code:
         sys.exit(code)
+
+# the chunk's batches fed from this process's rows (as each of several processes does) against gathered on the devices
+import jax, numpy as np
+from pureflax import loop, train, vae
+from tiny import tiny_mnist
+config = train.TrainConfig(batch_size=8, model=vae.VAEConfig(encoder_dimensions=(32, 16), decoder_dimensions=(16, 784), latent_dim=4))
+placement, host = loop.make_placement(4, 8), train.on_host(tiny_mnist(n_train=64, n_test=8).train)
+keys = train.make_keys(0)
+state, _, _, step = train.build(config, train.functional_backend(config.model), 100, keys.model)
+state = jax.device_get(state)
+order = loop.shuffle(keys.data, 0, 64, 8)
+for runner, fed in ((loop.make_fused_runner(step, placement, 4), loop.fed_from_each_process(loop.make_fused_runner(step, placement, 4), placement, 4)),
+                    (loop.make_per_step_runner(step, placement), loop.fed_from_each_process(loop.make_per_step_runner(step, placement), placement))):
+    a = runner(placement.replicate(state), train.to_device(train.on_host(tiny_mnist(n_train=64, n_test=8).train), placement), order, 2, keys.train, 3)
+    b = fed(placement.replicate(state), host, order, 2, keys.train, 3)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+print("=== fed: the same bits", flush=True)
 """
 
 
@@ -172,6 +189,7 @@ def test_four_devices_match_one_device(tmp_path):
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.rstrip().endswith("=== fed: the same bits")
     runs, sweeps = result.stdout.split("=== sweep --devices ", 1)
     _, one, four = runs.split("=== --devices ")
     assert "a sweep of 4 members in one program (fused, members split over 4 devices)" in sweeps

@@ -9,7 +9,8 @@ capacity comes back padded with zero rows, which :func:`read_metrics` drops on t
 state donated, the length an argument of the program (one program serves every chunk up
 to its capacity); the per-step runner dispatches one jitted step at a time. Both gather
 batches on the device from the resident dataset and call the same train step with the
-same keys, so they compute the same losses.
+same keys, so they compute the same losses. Across processes, :func:`fed_from_each_process`
+hands either runner each chunk's batches instead, built from every process's own part.
 
 ``Placement`` spreads the batch over several devices (data parallel): params and the
 dataset are replicated, each batch is sharded along its first axis, and XLA partitions
@@ -127,9 +128,41 @@ def shuffle(key: jax.Array, epoch: int | jax.Array, num_train: int, batch_size: 
     return epoch_order(jax.random.fold_in(key, epoch), num_train, batch_size)
 
 
-def _gather(data: Batch, order: jax.Array, i: jax.Array, placement: Placement) -> Batch:
+def _gather(data: Batch, order: jax.Array | None, i: jax.Array, placement: Placement) -> Batch:
+    """Batch ``i``: its examples gathered from the resident dataset by ``order``, or, with no order, row ``i`` of a chunk's batches."""
+    if order is None:
+        return placement.shard_batch(jax.tree_util.tree_map(lambda x: x[i], data))
     idx = order[i]
     return placement.shard_batch(Batch(data.images[idx], data.labels[idx]))
+
+
+def fed_from_each_process(runner: Runner, placement: Placement, capacity: int = 1) -> Runner:
+    """``runner`` taking each chunk's batches from every process's own rows, for a mesh over several processes.
+
+    The wrapped runner's ``data`` is the training split on the host (numpy, the same in every
+    process). For a chunk, each process gathers only its part of each batch (the columns that its
+    devices hold) and ``jax.make_array_from_process_local_data`` joins the parts into the chunk's
+    global batches, (length, batch, ...), sharded along the batch; the program takes batch ``i`` as
+    row ``i``. The order and the step are those of one process, so are the losses. A chunk is padded
+    to ``capacity`` rows, as the fused program's metrics are, so one program serves every chunk.
+    """
+    sharding = NamedSharding(placement.mesh, PartitionSpec(None, "data"))
+
+    def mine(order: np.ndarray, x: np.ndarray) -> jax.Array:
+        shape = (*order.shape, *x.shape[1:])
+        columns = sorted({index[1].indices(shape[1])[:2] for index in sharding.addressable_devices_indices_map(shape).values()})
+        local = x[order[:, columns[0][0]:columns[-1][1]]]
+        return jax.make_array_from_process_local_data(sharding, local, shape)
+
+    def run(state, data: Batch, order, start, key, length: int):
+        from pureflax.distributed import host
+
+        rows = np.asarray(host(order))[start:start + length]
+        rows = np.concatenate([rows, np.repeat(rows[-1:], max(capacity - length, 0), axis=0)])
+        batches = Batch(mine(rows, np.asarray(data.images)), mine(rows, np.asarray(data.labels)))
+        return runner(state, batches, None, 0, key, length)
+
+    return run
 
 
 class FusedRunner(NamedTuple):

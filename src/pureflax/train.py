@@ -185,9 +185,14 @@ def check_finite(metrics: np.ndarray, first_step: int) -> None:
         raise NonFiniteLoss(first_step + int(i) + 1, ("loss", "mse", "kl")[j], float(metrics[i, j]))
 
 
+def on_host(split: Split) -> step_lib.Batch:
+    """A split as uint8 pixels and int32 labels (converted per batch, on the device)."""
+    return step_lib.Batch(np.asarray(split.images, np.uint8), np.asarray(split.labels, np.int32))
+
+
 def to_device(split: Split, placement: loop.Placement) -> step_lib.Batch:
-    """Put a split on the device(s) once, as uint8 pixels and int32 labels (converted per batch)."""
-    return placement.replicate(step_lib.Batch(np.asarray(split.images, np.uint8), np.asarray(split.labels, np.int32)))
+    """Put a split on the device(s) once (:func:`on_host`'s arrays)."""
+    return placement.replicate(on_host(split))
 
 
 def build(config: TrainConfig, backend: Backend, total_steps: int, key: jax.Array):
@@ -300,7 +305,8 @@ def fit(
     """
     start, keys, config = time.perf_counter(), make_keys(config.seed), config.resolved()
     placement = loop.make_placement(config.devices, config.batch_size)
-    train, test = to_device(mnist.train, placement), to_device(mnist.test, placement)
+    across = jax.process_count() > 1  # then each process feeds its own part of every batch (loop.fed_from_each_process)
+    train, test = on_host(mnist.train) if across else to_device(mnist.train, placement), to_device(mnist.test, placement)
     num_train = int(train.labels.shape[0])
     plan, backend = config.plan(num_train), backend or functional_backend(config.model)
     state, _, loss_fn, train_step = build(config, backend, plan.total, keys.model)
@@ -326,6 +332,8 @@ def fit(
             runner = loop.make_fused_runner(train_step, placement, capacity=plan.log_every)
         else:
             runner = loop.make_per_step_runner(train_step, placement)
+        if across:
+            runner = loop.fed_from_each_process(runner, placement, plan.log_every if config.fuse else 1)
 
         def take(pos: rundir.Position, done: loop.Dispatched) -> rundir.Position:
             """A dispatched chunk: its metrics read (waiting for them), checked, recorded."""
