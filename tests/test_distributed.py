@@ -95,7 +95,7 @@ def runs(tmp_path_factory):
                               stderr=subprocess.PIPE, text=True, cwd=ROOT,
                               env=env(4))
     two = start_processes(data, root / "p2x1")
-    four = start_processes(data, root / "p2x2", devices=2)
+    four = start_processes(data, root / "p2x2", "--backend", "flax", devices=2)  # a backend of its own: within 1e-5 of functional
     results = finish([*two, *four, single])
     for code, _, err in results:
         assert code == 0, err[-3000:]
@@ -125,7 +125,7 @@ def test_a_multi_process_checkpoint_loads_in_every_form(runs):
 def test_a_killed_process_stops_the_other_within_a_minute_and_both_resume_to_the_uninterrupted_end(runs, tmp_path):
     root, data, _ = runs
     out = tmp_path / "out"
-    procs = start_processes(data, out, "--lost-after", 3)
+    procs = start_processes(data, out, "--lost-after", 3, "--backend", "nnx")
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not any(s >= 20 for s in checkpoint.all_steps(out / "checkpoints")
@@ -144,10 +144,10 @@ def test_a_killed_process_stops_the_other_within_a_minute_and_both_resume_to_the
                     "process 0 stops too: start every process again with --resume"], err[-2000:]
     killed_at = max(checkpoint.all_steps(out / "checkpoints"))
     assert killed_at < STEPS
-    results = finish(start_processes(data, out, "--resume"))
+    results = finish(start_processes(data, out, "--resume", "--backend", "nnx"))
     assert all(code == 0 for code, _, _ in results), results[0][2][-2000:]
     assert f"resuming from step {killed_at}" in results[0][1]
-    np.testing.assert_allclose(losses(out)[0], losses(root / "p2x1")[0], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(losses(out)[0], losses(root / "p2x1")[0], rtol=1e-5, atol=0)  # nnx against functional
 
 
 def test_processes_started_with_other_settings_stop_at_once_naming_the_difference(runs, tmp_path):
