@@ -5,7 +5,7 @@ gives the same starting weights in every form; ``native=True`` uses the library'
 initialiser instead (for Flax that is the same numbers; for Equinox it is
 ``eqx.nn.Linear``'s uniform init).
 
-Example:
+Examples:
     >>> import jax
     >>> from pureflax import vae
     >>> backend = get_backend("equinox", vae.VAEConfig(latent_dim=4))

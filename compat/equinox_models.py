@@ -8,7 +8,7 @@ the same numbers for the same key.
 ``eqx.nn.Linear`` keeps ``weight`` as (out, in), Flax's ``kernel`` is (in, out): the
 converters in :mod:`pureflax.compat.convert` transpose, and never re-initialise.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp
     >>> model = VAE(latent_dim=4, key=jax.random.PRNGKey(0))
     >>> recon, mean, logvar = model(jnp.zeros(784), jnp.zeros(10), jax.random.PRNGKey(1))
@@ -134,6 +134,7 @@ class VAE(eqx.Module):
     def reparam(
         mean: Float[ArrayIn, "*batch latent"], logvar: Float[ArrayIn, "*batch latent"], key: PRNGKeyArray
     ) -> Float[Array, "*batch latent"]:
+        """Draw ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` from ``key``."""
         std = jnp.exp(logvar * 0.5)
         eps = jax.random.normal(key, mean.shape)
         return eps * std + mean
@@ -179,6 +180,7 @@ _INVERTS_SAME_STRIDE_2 = ((0, 1), (0, 1))
 
 
 class ConvEncoder(eqx.Module):
+    """The conv VAE's encoder, one image (channels first) at a time: conv, BatchNorm, conv."""
     conv_0: eqx.nn.Conv2d
     norm_0: BatchNorm
     conv_1: eqx.nn.Conv2d
@@ -197,6 +199,7 @@ class ConvEncoder(eqx.Module):
 
 
 class ConvDecoder(eqx.Module):
+    """The conv VAE's decoder, one image at a time: transposed conv, BatchNorm, transposed conv."""
     deconv_0: eqx.nn.ConvTranspose2d
     norm_0: BatchNorm
     deconv_1: eqx.nn.ConvTranspose2d

@@ -12,7 +12,7 @@ Flax's rule exactly, with its state in an ``eqx.nn.State`` as Equinox's stateful
 It is called on ONE example, channels first, inside ``jax.vmap(..., axis_name="batch")``
 (the batch statistics are ``lax.pmean`` over that axis), as Equinox's own BatchNorm is.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp, equinox as eqx
     >>> norm, state = eqx.nn.make_with_state(BatchNorm)(2)
     >>> x = jnp.array([[[0.0]], [[2.0]]]).repeat(2, axis=1)  # (batch 2, channels 2, 1 pixel)

@@ -5,7 +5,7 @@
 For the same key, ``jax.jit(VAE(latent_dim=32).init)(...)['params']`` equals
 ``pureflax.vae.init(key, VAEConfig(latent_dim=32))`` bit for bit (on a CPU the eager ``init`` too).
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp
     >>> model = VAE(latent_dim=4)
     >>> x, c = jnp.zeros((2, 784)), jnp.zeros((2, 10))
@@ -46,6 +46,7 @@ class Model(nn.Module):
     activation_fn: Callable = nn.relu
 
     def setup(self):
+        """Build the Dense layer."""
         self.layer = nn.Dense(self.dim)
 
     def __call__(self, x):
@@ -90,6 +91,7 @@ class VAE(nn.Module):
     activation_fn: Callable = nn.relu
 
     def setup(self):
+        """Build the encoder, the latent projections, the class projection and the decoder."""
         self.encoder = FeedForward(self.encoder_dimensions, self.activation_fn)
         self.pre_latent_proj = nn.Dense(self.latent_dim * 2)
         self.post_latent_proj = nn.Dense(self.encoder_dimensions[-1])
@@ -97,16 +99,19 @@ class VAE(nn.Module):
         self.decoder = FeedForward(self.decoder_dimensions, self.activation_fn, drop_last_activation=False)
 
     def reparam(self, mean: ArrayLike, logvar: ArrayLike, key: jax.Array) -> ArrayLike:
+        """Draw ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` from ``key``."""
         std = jnp.exp(logvar * 0.5)
         eps = jax.random.normal(key, mean.shape)
         return eps * std + mean
 
     def encode(self, x: ArrayLike):
+        """The latent distribution of ``x``: ``(mean, logvar)``."""
         x = self.encoder(x)
         mean, logvar = jnp.split(self.pre_latent_proj(x), 2, axis=-1)
         return mean, logvar
 
     def decode(self, x: ArrayLike, c: ArrayLike):
+        """The reconstruction of the latent ``x`` for the one-hot classes ``c``."""
         x = self.post_latent_proj(x)
         x = x + self.class_proj(c)
         x = self.decoder(x)
@@ -128,6 +133,7 @@ class ConvEncoder(nn.Module):
     epsilon: float = 1e-5
 
     def setup(self):
+        """Build the two convolutions and the BatchNorm between them."""
         self.conv_0 = nn.Conv(self.features[0], (3, 3), strides=2, use_bias=False)  # BatchNorm follows
         self.norm_0 = nn.BatchNorm(momentum=self.momentum, epsilon=self.epsilon)
         self.conv_1 = nn.Conv(self.features[1], (3, 3), strides=2)
@@ -146,6 +152,7 @@ class ConvDecoder(nn.Module):
     epsilon: float = 1e-5
 
     def setup(self):
+        """Build the two transposed convolutions and the BatchNorm between them."""
         self.deconv_0 = nn.ConvTranspose(self.features, (3, 3), strides=(2, 2), use_bias=False)
         self.norm_0 = nn.BatchNorm(momentum=self.momentum, epsilon=self.epsilon)
         self.deconv_1 = nn.ConvTranspose(1, (3, 3), strides=(2, 2))
@@ -171,6 +178,7 @@ class ConvVAE(nn.Module):
     epsilon: float = 1e-5
 
     def setup(self):
+        """Build the convolutional encoder and decoder and the dense projections between them."""
         side = self.image_size // 4
         self.bottleneck = (side, side, self.features[1])
         norm = dict(activation_fn=self.activation_fn, momentum=self.momentum, epsilon=self.epsilon)
@@ -181,11 +189,13 @@ class ConvVAE(nn.Module):
         self.decoder = ConvDecoder(self.features[0], **norm)
 
     def encode(self, x: ArrayLike, train: bool):
+        """The latent distribution of the flat images ``x``: ``(mean, logvar)``; ``train`` picks BatchNorm's batch statistics."""
         h = self.encoder(jnp.reshape(x, (x.shape[0], self.image_size, self.image_size, 1)), train)
         mean, logvar = jnp.split(self.pre_latent_proj(jnp.reshape(h, (h.shape[0], -1))), 2, axis=-1)
         return mean, logvar
 
     def decode(self, z: ArrayLike, c: ArrayLike, train: bool):
+        """The flat reconstruction of ``z`` for the one-hot classes ``c``; ``train`` picks BatchNorm's batch statistics."""
         h = self.activation_fn(self.post_latent_proj(z) + self.class_proj(c))
         h = self.decoder(jnp.reshape(h, (h.shape[0], *self.bottleneck)), train)
         return jnp.reshape(h, (h.shape[0], -1))

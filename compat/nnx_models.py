@@ -6,7 +6,7 @@ batch, drawing the noise from ``key`` as the tutorial's Linen model does. ``nnx.
 keeps Linen's ``kernel`` (in, out) and ``bias`` and computes what ``flax.linen.Dense``
 computes, so from the same params the outputs are the same.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> model = VAE(latent_dim=4, rngs=nnx.Rngs(0))
@@ -76,15 +76,18 @@ class VAE(nnx.Module):
 
     @staticmethod
     def reparam(mean: ArrayLike, logvar: ArrayLike, key: jax.Array) -> jax.Array:
+        """Draw ``z = mean + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` from ``key``."""
         std = jnp.exp(logvar * 0.5)
         eps = jax.random.normal(key, jnp.shape(mean))
         return eps * std + mean
 
     def encode(self, x: ArrayLike) -> tuple[jax.Array, jax.Array]:
+        """The latent distribution of ``x``: ``(mean, logvar)``."""
         mean, logvar = jnp.split(self.pre_latent_proj(self.encoder(x)), 2, axis=-1)
         return mean, logvar
 
     def decode(self, z: ArrayLike, c: ArrayLike) -> jax.Array:
+        """The reconstruction of ``z`` for the one-hot classes ``c``."""
         return self.decoder(self.post_latent_proj(z) + self.class_proj(c))
 
     def __call__(self, x: ArrayLike, c: ArrayLike, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -150,11 +153,13 @@ class ConvVAE(nnx.Module):
         self.activation_fn, self.image_size, self.bottleneck = activation_fn, image_size, (side, side, features[1])
 
     def encode(self, x: ArrayLike, train: bool) -> tuple[jax.Array, jax.Array]:
+        """The latent distribution of the flat images ``x``: ``(mean, logvar)``; ``train`` picks BatchNorm's batch statistics."""
         h = self.encoder(jnp.reshape(x, (x.shape[0], self.image_size, self.image_size, 1)), train)
         mean, logvar = jnp.split(self.pre_latent_proj(jnp.reshape(h, (h.shape[0], -1))), 2, axis=-1)
         return mean, logvar
 
     def decode(self, z: ArrayLike, c: ArrayLike, train: bool) -> jax.Array:
+        """The flat reconstruction of ``z`` for the one-hot classes ``c``; ``train`` picks BatchNorm's batch statistics."""
         h = self.activation_fn(self.post_latent_proj(z) + self.class_proj(c))
         h = self.decoder(jnp.reshape(h, (h.shape[0], *self.bottleneck)), train)
         return jnp.reshape(h, (h.shape[0], -1))

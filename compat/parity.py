@@ -3,7 +3,7 @@
 Each function returns ``{(a, b): figure}`` for every pair of backends; the tests assert
 the limits and ``scripts/parity.py`` prints the figures into ``docs/parity.md``.
 
-Example:
+Examples:
     >>> import jax
     >>> from pureflax import vae
     >>> config = vae.VAEConfig(encoder_dimensions=(16,), decoder_dimensions=(16, 784), latent_dim=4)

@@ -131,7 +131,7 @@ def load(path: str | Path, form: str = "functional", *, step: int | None = None,
         pureflax.compat.ConversionError / pureflax.checkpoint.ShapeMismatch: the saved arrays do
             not fit the recorded model (path, shapes and dtypes named).
 
-    Example:
+    Examples:
         >>> model = load("runs/vae", "equinox")  # doctest: +SKIP
     """
     _form(form)

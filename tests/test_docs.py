@@ -26,6 +26,7 @@ from pureflax.compat.convert import LAYOUTS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = sorted(DOCS.glob("*.md")) + [DOCS.parent / "README.md"]  # the README's examples run too
+NOTEBOOK = DOCS / "tutorial.md"  # the notebook's text: tests/test_notebook.py runs it as the notebook it pairs with
 SKIP_MARK = "<!-- not executed -->"
 TORCH_MARK = "<!-- needs torch -->"  # run where torch is installed (as CI installs it), skipped elsewhere
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -87,6 +88,8 @@ def test_block_parser_skips_marked_and_non_python_blocks():
 
 @pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
 def test_page_examples_run(page, tmp_path, monkeypatch):
+    if page == NOTEBOOK:
+        pytest.skip("run as docs/tutorial.ipynb by tests/test_notebook.py")
     monkeypatch.chdir(tmp_path)
     # The page's namespace is the dict of a module registered in sys.modules for the
     # duration of the test: dataclasses (Flax's TrainState subclasses) look their

@@ -21,7 +21,7 @@ transposes, permutes or reshapes is :data:`LAYOUTS` (``print(layouts_table())``)
 :func:`register_layer` adds a class of any library. Any mismatch raises :class:`ConversionError`
 naming the path, both shapes and both dtypes.
 
-Example:
+Examples:
     >>> import equinox as eqx, jax
     >>> from pureflax import vae
     >>> from pureflax.compat import equinox_models, convert

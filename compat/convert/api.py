@@ -58,7 +58,8 @@ def from_functional(tree: Any, like: Any, *, names: Mapping[str, str] | None = N
             and ``tx`` are kept), an NNX ``(model, nnx.Optimizer)`` pair (its ``tx`` and
             ``wrt`` are kept), an Equinox ``(model, opt_state)`` pair or :class:`pureflax.TrainState`.
             Its arrays give the shapes; their values are unused.
-        names, flatten: as for :func:`to_functional`, for ``like``'s form.
+        names: as for :func:`to_functional`, for ``like``'s form.
+        flatten: as for :func:`to_functional`, for ``like``'s form.
 
     Returns:
         ``like`` with ``tree``'s values (for NNX, new objects: ``like`` is not changed).
@@ -96,12 +97,13 @@ def variables_to_functional(obj: Any, *, names: Mapping[str, str] | None = None,
         obj: Linen variables ``{'params': ..., 'batch_stats': ...}`` (``batch_stats`` optional),
             a bound Linen module, an NNX module (its ``nnx.Param`` and ``nnx.BatchStat``), an
             Equinox ``(model, eqx.nn.State)`` pair, or an Equinox module without an ``eqx.nn.State``.
-        names, flatten: as for :func:`to_functional`.
+        names: as for :func:`to_functional`.
+        flatten: as for :func:`to_functional`.
 
     Returns:
         The params dict and the model state (Linen's ``batch_stats`` layout; ``{}`` when there is none).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
         >>> net = nn.Sequential([nn.Dense(3), nn.BatchNorm(use_running_average=True)])
         >>> params, model_state = variables_to_functional(net.init(jax.random.key(0), jnp.ones((2, 4))))
@@ -122,10 +124,12 @@ def variables_from_functional(params: Mapping, model_state: Mapping, like: Any, 
     """``like``'s form holding the functional ``params`` and ``model_state``.
 
     Args:
-        params, model_state: functional, as :func:`variables_to_functional` returns them.
+        params: functional, as :func:`variables_to_functional` returns them.
+        model_state: functional, as :func:`variables_to_functional` returns them.
         like: Linen variables, a bound Linen module, an NNX module, an Equinox ``(model, eqx.nn.State)``
             pair or an Equinox module; its arrays give the shapes.
-        names, flatten: as for :func:`from_functional`.
+        names: as for :func:`from_functional`.
+        flatten: as for :func:`from_functional`.
 
     Returns:
         New Linen variables, a new bound module, a new NNX module, or a new ``(model, eqx.nn.State)`` pair.

@@ -219,7 +219,7 @@ def check_layers(source: Any, target: Any, *, source_names: Mapping[str, str] | 
     Raises:
         ConversionError: naming the layer, the setting and both values.
 
-    Example:
+    Examples:
         >>> import jax, equinox as eqx
         >>> from flax import nnx
         >>> try:

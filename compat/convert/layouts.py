@@ -191,7 +191,7 @@ def register_layer(cls: type, kind: str, params: Mapping[str, str | tuple[str, s
         channels_first: it computes on (C, *spatial) (default: an Equinox layer with spatial
             dimensions, a convolution or a norm over channels, does).
 
-    Example:
+    Examples:
         >>> import equinox as eqx, jax.numpy as jnp
         >>> class Scale(eqx.Module):
         ...     gamma: jnp.ndarray

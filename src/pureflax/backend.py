@@ -4,7 +4,7 @@ Everything else — the train step, loss, optimiser, data, logging, checkpoints 
 pictures — is shared. The functional backend is here; the Equinox and Flax ones are in
 ``pureflax.compat.backends`` (the only place that imports those libraries).
 
-Example:
+Examples:
     >>> import jax
     >>> from pureflax import vae
     >>> backend = functional_backend(vae.VAEConfig(latent_dim=4))

@@ -10,7 +10,7 @@ both (:func:`verify`): a step whose files or values differ from what was saved r
 :class:`Damaged` naming the file or array, and the readers take the newest step that verifies.
 Any backend's state is saved in the functional form and restores into any other.
 
-Example:
+Examples:
     >>> import tempfile, jax.numpy as jnp, optax
     >>> from pureflax.state import TrainState
     >>> state = TrainState.create({'w': jnp.ones(2)}, optax.adam(1e-3))
@@ -578,7 +578,7 @@ def write_params(params: Any, path: str | Path) -> int:
 def read_params(path: str | Path) -> dict[str, Any]:
     """The nested params tree of a file written by :func:`write_params` (or any flat file keyed by ``a/b/c``).
 
-    Example:
+    Examples:
         >>> import tempfile, numpy as np
         >>> f = tempfile.mkdtemp() + '/p.npz'
         >>> write_params({'dense': {'kernel': np.ones((2, 3), np.float32)}}, f)

@@ -3,7 +3,7 @@
 Light on purpose (argparse and sys only), so a script's ``--help`` and its flag errors answer
 before JAX is imported.
 
-Example:
+Examples:
     >>> parser = Parser(prog="train.py")
     >>> _ = parser.add_argument("--steps", type=int)
     >>> parser.parse_args(["--steps", "3"]).steps
@@ -21,16 +21,19 @@ class Parser(argparse.ArgumentParser):
     and a flag given twice (``--lr 1e-4 --lr 2e-4``) is refused, not decided by the last one."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        """Print ``prog: error: message`` on stderr, one line, and exit with status 2."""
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
 
     def add_argument(self, *args, **kwargs) -> argparse.Action:
+        """argparse's ``add_argument``; an option given twice on one command line is then an error."""
         action = super().add_argument(*args, **kwargs)
         if action.option_strings and not isinstance(action, argparse._HelpAction):
             action.__class__ = _once(type(action))
         return action
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """argparse's ``parse_known_args``, without the record of which options were given."""
         namespace, extras = super().parse_known_args(args, namespace)
         vars(namespace).pop(_GIVEN, None)
         return namespace, extras

@@ -15,7 +15,7 @@ returns ``((recon, mean, logvar), model_state)``: with ``train=True`` BatchNorm 
 batch's statistics and the running ones come back updated; with ``train=False`` the
 running ones are used and returned unchanged.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp
     >>> config = ConvVAEConfig(latent_dim=4)
     >>> params, state = init(jax.random.key(0), config), init_state(config)

@@ -4,7 +4,7 @@ Every process runs the same program on its own devices; ``jax.devices()`` then l
 process's devices and one ``Mesh`` spans them. Process 0 is the primary: it alone writes the run
 folder's log, pictures and lock; every process takes part in each orbax save.
 
-Example:
+Examples:
     >>> primary(), process_count()  # a single process is its own primary
     (True, 1)
 """
@@ -23,6 +23,7 @@ import numpy as np
 
 
 def process_count() -> int:
+    """How many processes the run spans (1 unless ``jax.distributed`` joined several)."""
     return jax.process_count()
 
 
@@ -82,7 +83,7 @@ AUTO_CLUSTERS = ("SlurmCluster", "OmpiCluster", "GkeTpuCluster")
 def detected_cluster() -> tuple[str, int] | None:
     """``(name, processes)`` of the cluster job this process belongs to, when JAX detects one of several processes.
 
-    Example:
+    Examples:
         >>> detected_cluster() is None  # not inside a SLURM, Open MPI or GKE TPU job of several processes
         True
     """

@@ -19,7 +19,7 @@ the same step code.
 Where chunks end (log lines, checkpoints, epochs) is the run folder's arithmetic:
 :func:`pureflax.rundir.chunks`.
 
-Example:
+Examples:
     >>> epoch_order(jax.random.PRNGKey(0), 10, 3).shape  # 3 batches of 3; the tenth example waits for the next epoch
     (3, 3)
 """

@@ -60,7 +60,7 @@ def vae_loss(
     Returns:
         ``(loss, (mse, kl))`` as the tutorial's ``loss_fn`` returns them.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> z = jnp.zeros((2, 3))
         >>> loss, (mse, kl) = vae_loss(jnp.ones((2, 4)), jnp.zeros((2, 4)), z, z)

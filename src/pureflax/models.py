@@ -4,7 +4,7 @@
 and the model state (Flax's ``batch_stats``; ``{}`` for the MLP, which has none). Training,
 evaluation and the pictures go through it, so they do not care which model it is.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp
     >>> from pureflax import convvae
     >>> model = of(convvae.ConvVAEConfig(latent_dim=4))

@@ -9,7 +9,7 @@ per-layer counter folded in (Flax's ``LazyRng``). So ``dense(4).init(key, x)`` r
 bit-for-bit what ``flax.linen.Dense(4).init(key, x)['params']`` returns, and the same
 holds for nested layers whose paths match the Flax module tree.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp
     >>> from pureflax import nn
     >>> layer = nn.feed_forward((4, 2, 1), drop_last_activation=True)
@@ -154,7 +154,7 @@ def dense(
     Returns:
         A :class:`Layer` whose params are ``{'kernel': (in, out), 'bias': (out,)}``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> layer = dense(2)
         >>> p = layer.init(jax.random.key(0), jnp.zeros(8))
@@ -196,7 +196,7 @@ def feed_forward(
     Returns:
         A :class:`Layer` with params ``{'Dense_0': ..., 'Dense_1': ..., ...}``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> ff = feed_forward((4, 2, 1), drop_last_activation=True)
         >>> p = ff.init(jax.random.key(0), jnp.zeros((1, 8)))
@@ -247,7 +247,7 @@ def dropout(rate: float, *, deterministic: bool = False) -> Layer:
         A :class:`Layer` with empty params; ``apply(params, x, *, key=None,
         deterministic=None)`` needs ``key`` unless deterministic.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> drop = dropout(0.5)
         >>> y = drop.apply({}, jnp.ones(4), key=jax.random.key(0))
@@ -307,7 +307,7 @@ def sequential(layers: Sequence[Layer | Callable[[Array], Array]]) -> Layer:
     ``apply(params, x, *, key=None)`` passes each random layer (dropout) the scope
     ``layers_{i}`` of ``key``, so masks match Flax's under ``rngs={'dropout': key}``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> net = sequential([dense(4), jax.nn.relu, dense(2)])
         >>> p = net.init(jax.random.key(0), jnp.zeros((1, 8)))
@@ -371,7 +371,7 @@ class Bound(NamedTuple):
 def bind(apply: Callable[..., Any], params: Params) -> Bound:
     """Attach ``params`` to ``apply``: ``bind(layer.apply, p)(x) == layer.apply(p, x)``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> layer = dense(2)
         >>> model = bind(layer.apply, layer.init(jax.random.key(0), jnp.zeros(8)))
@@ -468,7 +468,7 @@ def conv(
     (Flax's HWIO) and ``bias`` (features,). ``'SAME'`` pads as ``lax.conv_general_dilated``
     does, which with a stride is not symmetric (more on the high side).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> layer = conv(8, (3, 3), strides=2)
         >>> p = layer.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
@@ -524,7 +524,7 @@ def conv_transpose(
     Params: ``kernel`` of shape ``kernel_size + (in_features, features)`` (``(features,
     in_features)`` last with ``transpose_kernel=True``) and ``bias`` (features,).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> layer = conv_transpose(1, (3, 3), strides=2)
         >>> p = layer.init(jax.random.key(0), jnp.zeros((1, 14, 14, 8)))
@@ -592,7 +592,7 @@ def _norm_params(key: PRNGKeyArray | Scope, features: int, use_scale: bool, use_
 def layer_norm(*, epsilon: float = 1e-6, use_scale: bool = True, use_bias: bool = True) -> Layer:
     """Normalise each example over its last axis (Flax's ``nn.LayerNorm``: ε = 1e-6; Equinox's is 1e-5).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> layer = layer_norm()
         >>> p = layer.init(jax.random.key(0), jnp.zeros((2, 4)))
@@ -655,7 +655,7 @@ def batch_norm(*, momentum: float = 0.99, epsilon: float = 1e-5, use_scale: bool
     running ones updated as ``momentum · running + (1 − momentum) · batch``; ``train=False``
     uses the running statistics and returns the state unchanged.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> layer = batch_norm()
         >>> x = jnp.array([[0.0], [2.0]])
@@ -691,7 +691,7 @@ def batch_norm(*, momentum: float = 0.99, epsilon: float = 1e-5, use_scale: bool
 def embed(num_embeddings: int, features: int, *, embedding_init: Callable[..., Array] | None = None) -> Layer:
     """A lookup table (Flax's ``nn.Embed``): params ``embedding`` (num_embeddings, features).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> layer = embed(10, 4)
         >>> p = layer.init(jax.random.key(0), jnp.zeros((2,), jnp.int32))

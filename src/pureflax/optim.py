@@ -4,7 +4,7 @@ The chain, outermost first: ``MultiSteps`` (gradient accumulation) wraps a
 ``multi_transform`` that sends frozen params to ``set_to_zero`` and the rest to
 ``chain(clip_by_global_norm, sgd|adam|adamw(schedule), ema)``.
 
-Example:
+Examples:
     >>> import jax.numpy as jnp
     >>> tx = make_optimizer(OptimConfig(optimizer="adam", lr=1e-2, clip_norm=1.0), total_steps=100)
     >>> state = tx.init({'w': jnp.zeros(3)})
@@ -137,7 +137,7 @@ def notices(config: OptimConfig, total_steps: int, names: Any) -> list[str]:
     Args:
         names: the params' functional paths (:func:`param_paths` of the functional params).
 
-    Example:
+    Examples:
         >>> notices(OptimConfig(warmup_steps=10), 100, ["w"])
         ['warmup-steps 10 does nothing with schedule constant (it is the warmup of schedule warmup)']
     """

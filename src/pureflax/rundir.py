@@ -11,7 +11,7 @@ writes the final row.
 The arithmetic of a run's progress is pure and lives here too: :class:`Position`,
 :func:`advance` (the position after a chunk) and :func:`chunks` (where chunks end).
 
-Example:
+Examples:
     >>> plan = Plan(steps_per_epoch=5, total=12, log_every=2, ckpt_every=4)
     >>> [(c.epoch, c.start, c.length) for c in chunks(0, plan)][:4]
     [(0, 0, 2), (0, 2, 2), (0, 4, 1), (1, 0, 2)]
@@ -103,6 +103,7 @@ class Position(NamedTuple):
 
     @classmethod
     def start(cls) -> Position:
+        """The position of a run that has taken no step."""
         return cls(0, [], [0.0, 0.0, 0.0], 0, [0.0, 0.0, 0.0])
 
     @classmethod
@@ -210,6 +211,7 @@ def settings_of(config: Any, backend: str, data: str) -> dict[str, Any]:
 
 
 def flag_of(name: str) -> str:
+    """The command-line flag that sets the setting ``name`` (a dotted path such as ``optim.lr``)."""
     return FLAGS.get(name, "--" + name.rsplit(".", 1)[-1].replace("_", "-"))
 
 
@@ -689,6 +691,7 @@ class RunFolder:
         return pos
 
     def emit(self, row: dict[str, Any]) -> None:
+        """Write one row to ``metrics.jsonl`` (only the primary process writes; the others keep it)."""
         if not self.primary:
             self.rows.append(row)
             return

@@ -27,7 +27,7 @@ class TrainState(NamedTuple):
     def create(cls, params: Any, tx: optax.GradientTransformation, model_state: Any = None) -> TrainState:
         """A fresh state at step 0 with ``tx.init(params)`` (and ``model_state``, default ``{}``).
 
-        Example:
+        Examples:
             >>> import jax.numpy as jnp, optax
             >>> state = TrainState.create({'w': jnp.ones(2)}, optax.sgd(0.1))
             >>> int(state.step)
@@ -39,7 +39,7 @@ class TrainState(NamedTuple):
     def apply_gradients(self, *, grads: Any, tx: optax.GradientTransformation) -> TrainState:
         """One optimiser update: the state after applying ``grads`` through ``tx``.
 
-        Example:
+        Examples:
             >>> import jax.numpy as jnp, optax
             >>> tx = optax.sgd(0.5)
             >>> state = TrainState.create({'w': jnp.ones(2)}, tx)

@@ -6,7 +6,7 @@ same ``key`` and state give the same update wherever a run is resumed. Backends 
 only in the ``apply`` the loss closes over and, for Flax's ``TrainState``, in how
 gradients are applied.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> from pureflax import vae
     >>> from pureflax.state import TrainState

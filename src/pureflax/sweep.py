@@ -17,7 +17,7 @@ and the others go on. Members resumed at different steps (a kill between their s
 up in the same program: a member whose folder is ahead waits, its slice computing steps nobody
 reads, until the others reach it.
 
-Example:
+Examples:
     >>> from pureflax.train import TrainConfig
     >>> [m.name for m in grid(TrainConfig(), {"seed": [0, 1], "lr": [1e-4, 3e-4]})]
     ['seed-0_lr-0.0001', 'seed-0_lr-0.0003', 'seed-1_lr-0.0001', 'seed-1_lr-0.0003']
@@ -123,6 +123,7 @@ class Members(NamedTuple):
 
 
 def hyper_of(config: train.TrainConfig) -> Hyper:
+    """The hyperparameters a member traces: its learning rate and KL weight, as float32."""
     return Hyper(np.float32(config.optim.lr), np.float32(config.kl_weight))
 
 
@@ -319,6 +320,7 @@ class MemberRun:
         return self.folder is not None and self.stopped is None and self.final is None and self.pos.step == step
 
     def record(self) -> dict[str, Any]:
+        """This member's row of ``sweep.json``: its name, folder, values, status and, once finished, its losses."""
         status = "stopped" if self.stopped else "finished" if self.final else "running"
         row = {"name": self.name, "folder": self.name, "values": self.spec.values, "status": status}
         if self.final:
@@ -349,6 +351,7 @@ def line(epoch: int, step: int, runs: Sequence[MemberRun], losses: dict[str, flo
 
 
 class SweepResult(NamedTuple):
+    """What :func:`fit_sweep` returns: every member's row of ``sweep.json``, the best member and the stopped ones."""
     members: list[dict[str, Any]]  # sweep.json's rows
     best: str | None  # the finished member with the lowest test loss
     stopped: list[str]  # members whose loss went non-finite

@@ -105,10 +105,12 @@ class TrainConfig:
         return steps
 
     def total_steps(self, num_train: int) -> int:
+        """How many steps the run takes on ``num_train`` examples: ``epochs`` of them, at most ``max_steps``."""
         total = self.epochs * self.steps_per_epoch(num_train)
         return total if self.max_steps is None else min(total, self.max_steps)
 
     def plan(self, num_train: int) -> rundir.Plan:
+        """Where the run's chunks end: epochs, log lines, checkpoints (:class:`pureflax.rundir.Plan`)."""
         return rundir.Plan(self.steps_per_epoch(num_train), self.total_steps(num_train), self.log_every, self.ckpt_every)
 
 
@@ -133,6 +135,7 @@ def make_keys(seed: int) -> Keys:
 
 
 class RunResult(NamedTuple):
+    """What :func:`fit` returns: the final state in the backend's form, the log and the final row."""
     state: Any  # the backend's own state (pureflax or Flax TrainState)
     log: list[dict[str, Any]]  # one dict per logged line
     final: dict[str, Any]  # test metrics, final-epoch means, seconds
@@ -195,11 +198,12 @@ def to_device(split: Split, placement: loop.Placement) -> step_lib.Batch:
     return placement.replicate(on_host(split))
 
 
-def build(config: TrainConfig, backend: Backend, total_steps: int, key: jax.Array):
+def build(config: TrainConfig, backend: Backend, total_steps: int, key: jax.Array) -> tuple[Any, Any, Callable, Callable]:
     """The backend's fresh state, its optimiser and THE train step built for it.
 
     Returns:
-        ``(state, tx, loss_fn, train_step)``.
+        ``(state, tx, loss_fn, train_step)``: the state in the backend's form, the optax
+        transformation, the loss function and the jitted train step.
     """
     params = backend.init_params(key, config.native_init)
     tx = optim.make_optimizer(config.optim, total_steps, params, backend.param_names(params))
@@ -246,6 +250,7 @@ def final_row(test: step_lib.Metrics, pos: rundir.Position, plan: rundir.Plan, c
 
 
 def summary(final: dict[str, Any]) -> str:
+    """The final line a run prints: test metrics, the final epoch's means and the time."""
     return (
         f"test loss: {final['test_loss']:.4f} ~ mse: {final['test_mse']:.4f}. kl: {final['test_kl']:.4f} | "
         f"epoch {final['final_epoch']} mean loss: {final['final_epoch_loss']:.4f} ~ mse: {final['final_epoch_mse']:.4f}. "

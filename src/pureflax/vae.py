@@ -5,7 +5,7 @@ tutorial's ``VAE(latent_dim=32).init(...)['params']`` — and, for the same key,
 values (those of ``jax.jit(model.init)``; on a CPU the eager ``model.init`` gives them too). ``apply(params, x, c, key)`` returns ``(recon, mean, logvar)`` as the tutorial's
 ``model.apply`` does.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp
     >>> from pureflax import vae
     >>> config = vae.VAEConfig(latent_dim=4)
@@ -261,7 +261,7 @@ def sample(
 ) -> Float[Array, "batch features"]:
     """Generate one image per class label by decoding ``z ~ N(0, I)``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> params = init(jax.random.key(0))
         >>> sample(params, jnp.arange(10), jax.random.key(1)).shape

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 def tile(images: np.ndarray, rows: int, cols: int, side: int = 28) -> np.ndarray:
     """Arrange ``rows * cols`` flat images into one (rows*side, cols*side) array, row-major.
 
-    Example:
+    Examples:
         >>> tile(np.zeros((6, 784)), 2, 3).shape
         (56, 84)
     """
