@@ -274,7 +274,7 @@ def run(parser, args: argparse.Namespace, argv: list[str], stop) -> int:
         if stop.signum is not None:
             raise rundir.Interrupted(stop.signum, 0, saved=False)
 
-    from pureflax import sweep
+    from pureflax import sweep_folder
 
     try:
         config = configure(args)
@@ -292,7 +292,7 @@ def run(parser, args: argparse.Namespace, argv: list[str], stop) -> int:
                 rundir.check(args.out, overwrite=args.overwrite, resume=args.resume)
         else:
             loop.make_placement(config.devices, len(members))
-            sweep.check(args.out, [m.name for m in members], overwrite=args.overwrite, resume=args.resume)
+            sweep_folder.check(args.out, [m.name for m in members], overwrite=args.overwrite, resume=args.resume)
     except ValueError as err:
         parser.error(str(err))
     stopped()
@@ -334,7 +334,7 @@ def run(parser, args: argparse.Namespace, argv: list[str], stop) -> int:
 
 def run_sweep(parser, args: argparse.Namespace, config, members, mnist, stop) -> int:
     """A sweep's members trained together: one folder each under --out, and --out/sweep.json."""
-    from pureflax import checkpoint, rundir, sweep
+    from pureflax import checkpoint, rundir, sweep, sweep_folder
     from pureflax.compat.backends import get_backend
 
     where = f"members split over {config.devices} devices" if config.devices > 1 else "1 device"
@@ -352,9 +352,9 @@ def run_sweep(parser, args: argparse.Namespace, config, members, mnist, stop) ->
     if result.stopped:
         sys.stderr.write(f"train.py: {len(result.stopped)} of {len(members)} members stopped on a non-finite loss "
                          f"({', '.join(result.stopped)}; each folder's metrics.jsonl says where); the others finished; "
-                         f"see {args.out / sweep.SWEEP_FILE}\n")
+                         f"see {args.out / sweep_folder.SWEEP_FILE}\n")
         return 3
-    print(f"wrote {len(members)} member folders and {sweep.SWEEP_FILE} in {args.out}")
+    print(f"wrote {len(members)} member folders and {sweep_folder.SWEEP_FILE} in {args.out}")
     return 0
 
 

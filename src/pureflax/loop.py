@@ -107,8 +107,8 @@ def fuses_well(model: Any, platform: str | None = None) -> bool:
     Yes (``True``) everywhere but for convolutions on CPU: there XLA compiles the convolutions
     inside the loop body without the rewrites it gives them in a program of one step (the optimised
     HLO shows the weight gradients' convolutions in other dimension orders and without parallel
-    partitions), and the conv VAE's fused chunk runs at 0.3-0.46x per-step dispatch (``bench.py``'s
-    scaling table). ``platform`` defaults to JAX's default backend (``"cpu"``, ``"gpu"``, ``"tpu"``).
+    partitions), and the conv VAE's fused chunk runs slower than per-step dispatch (``bench.py``'s
+    scaling table; docs/performance.md). ``platform`` defaults to JAX's default backend (``"cpu"``, ``"gpu"``, ``"tpu"``).
     """
     from pureflax import models
 

@@ -30,8 +30,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import json
-import os
 import statistics
 import sys
 import time
@@ -44,11 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from pureflax import checkpoint, data as data_lib, loop, models, optim, report, rundir, step as step_lib, train
+from pureflax import data as data_lib, loop, memory, models, optim, report, rundir, step as step_lib, train
 from pureflax.backend import Backend, functional_backend
 from pureflax.data import MNIST
-
-SWEEP_FILE = "sweep.json"
+from pureflax.memory import compiled_bytes, traced_bytes
+from pureflax.sweep_folder import checkpoint_exists, completed, write_sweep
 
 # What may vary between the members of one program, and how a value lands in a member's config. Anything
 # else changes the program itself (shapes, the optimiser's structure, the batch): those are separate runs.
@@ -183,67 +181,19 @@ def member(tree: Any, k: int) -> Any:
     return jax.tree.map(lambda leaf: leaf[k], tree)
 
 
-# --- memory -------------------------------------------------------------------------------
-
-
-def _nbytes(aval: Any) -> int:
-    try:
-        return int(np.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
-    except (AttributeError, TypeError):  # a token, a key's extended dtype
-        return 8 * int(np.prod(getattr(aval, "shape", ()) or (1,)))
-
-
-def _jaxpr_bytes(jaxpr: Any) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-        total += sum(_nbytes(v.aval) for v in eqn.outvars)
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if hasattr(inner, "eqns"):
-                total += _jaxpr_bytes(inner)
-    return total
-
-
-def member_bytes(member_step: Callable, state: Any, batch: step_lib.Batch, key: jax.Array, hyper: Hyper) -> int:
-    """An upper bound of one member's memory in a step: its state in and every value the step computes, all held at once."""
-    jaxpr = jax.make_jaxpr(member_step)(state, batch, key, hyper)
-    return sum(_nbytes(v.aval) for v in jaxpr.jaxpr.invars) + _jaxpr_bytes(jaxpr.jaxpr)
-
-
-def available_bytes(device: jax.Device) -> int | None:
-    """Memory free for arrays on ``device``: an accelerator's own limit less what is in use; on CPU the host's MemAvailable."""
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def compiled_bytes(member_step: Callable, state: Any, batch: step_lib.Batch, key: jax.Array, hyper: Hyper) -> int:
-    """One member's memory in a step as XLA plans it: the compiled step's arguments, outputs not aliased to them, and scratch."""
-    memory = jax.jit(member_step, donate_argnums=0).lower(state, batch, key, hyper).compile().memory_analysis()
-    if memory is None:  # a backend that does not report it
-        return member_bytes(member_step, state, batch, key, hyper)
-    return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes)
+# --- memory ---------------------------------------------------------------------------------
 
 
 def check_memory(members: int, bound: int, fixed: int, device: jax.Device, exact: Callable[[], int]) -> None:
     """Refuse a sweep whose memory exceeds what is free on ``device``, naming the estimate.
 
-    ``bound`` is a member's upper bound (:func:`member_bytes`, from tracing alone); only when
-    ``members`` of it do not fit is ``exact()`` (:func:`compiled_bytes`, a compile) asked.
+    ``bound`` is a member's upper bound (:func:`pureflax.memory.traced_bytes`, from tracing alone); only when
+    ``members`` of it do not fit is ``exact()`` (:func:`pureflax.memory.compiled_bytes`, a compile) asked.
 
     Raises:
         SweepError: too large; the message gives the estimate, what is free and how many members fit.
     """
-    free = available_bytes(device)
+    free = memory.available_bytes(device)
     if free is None or members * bound + fixed <= free:
         return
     per_member = exact()
@@ -256,48 +206,6 @@ def check_memory(members: int, bound: int, fixed: int, device: jax.Device, exact
 
 
 # --- the run folders ----------------------------------------------------------------------
-
-
-def check(out: Path, names: Sequence[str], *, overwrite: bool = False, resume: bool = False) -> None:
-    """Whether ``out`` can take this sweep: empty or absent, or a sweep to ``--resume`` (the same members) or ``--overwrite``.
-
-    Raises:
-        rundir.RunError: the message says which flag, or which other folder, to use.
-    """
-    rundir.check(out, overwrite=True, resume=False)  # the folder's kind and permissions; a single run in it is refused below
-    single = [name for name in rundir.RUN_FILES if (out / name).exists()]
-    if single:
-        raise rundir.RunError(f"--out {out} holds a single run ({', '.join(single)}), not a sweep; choose another --out")
-    if resume and overwrite:
-        raise rundir.RunError("--resume continues the sweep in --out and --overwrite replaces it: choose one")
-    recorded = read_sweep(out)
-    if resume and recorded is None:
-        raise rundir.RunError(f"--resume: --out {out} holds no sweep ({SWEEP_FILE} is missing); start it without --resume")
-    if resume and [m["name"] for m in recorded["members"]] != list(names):
-        had = ", ".join(m["name"] for m in recorded["members"])
-        raise rundir.RunError(f"--resume: the sweep in {out} has the members {had}; these flags make {', '.join(names)}: "
-                              "resume with its flags, or start a new sweep in another --out")
-    if recorded is not None and not (resume or overwrite):
-        raise rundir.RunError(f"--out {out} already holds a sweep ({SWEEP_FILE}); pass --resume, --overwrite, or choose another --out")
-
-
-def read_sweep(out: Path) -> dict[str, Any] | None:
-    """``out/sweep.json`` as written, or ``None`` when there is none."""
-    path = Path(out) / SWEEP_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise rundir.RunError(f"{path} cannot be read ({err}); move it away to start the sweep again") from None
-
-
-def write_sweep(out: Path, record: dict[str, Any]) -> None:
-    """Write ``sweep.json`` whole or not at all (a temporary file renamed over it)."""
-    path = Path(out) / SWEEP_FILE
-    tmp = path.with_name(f".{SWEEP_FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 class MemberRun:
@@ -328,14 +236,6 @@ class MemberRun:
         if self.stopped:
             row["reason"] = self.stopped
         return row
-
-
-def completed(folder: Path, total: int) -> dict[str, Any] | None:
-    """The final row of a member run already complete at ``total`` steps (a resumed sweep leaves it as it is)."""
-    if not (folder / "metrics.jsonl").exists():
-        return None
-    finals = [row for row in rundir.read_log(folder / "metrics.jsonl").rows if "test_loss" in row]
-    return finals[-1] if finals and finals[-1].get("steps") == total else None
 
 
 def line(epoch: int, step: int, runs: Sequence[MemberRun], losses: dict[str, float]) -> str:
@@ -399,8 +299,8 @@ def fit_sweep(
     batch = step_lib.Batch(jax.ShapeDtypeStruct((config.batch_size, config.model.input_dim), np.uint8),
                            jax.ShapeDtypeStruct((config.batch_size,), np.int32))
     fixed = sum(np.asarray(a).nbytes for a in (*mnist.train, *mnist.test))
-    args = (member_step, jax.eval_shape(create, params), batch, first.train, hyper_of(config))
-    check_memory(count, member_bytes(*args), fixed, jax.devices()[0], lambda: compiled_bytes(*args))  # before anything is allocated
+    args = (jax.eval_shape(create, params), batch, first.train, hyper_of(config))
+    check_memory(count, traced_bytes(member_step, *args), fixed, jax.devices()[0], lambda: compiled_bytes(member_step, *args))  # before anything is allocated
 
     configs = [m.config.resolved() for m in members]
     keys = [train.make_keys(c.seed) for c in configs]
@@ -577,11 +477,6 @@ def fit_sweep(
     if record["best"] is not None:
         print(f"best: {record['best']} ({timing.total:.1f} s for {count} members)")
     return SweepResult(record["members"], record["best"], [run.name for run in runs if run.stopped])
-
-
-def checkpoint_exists(folder: Path) -> bool:
-    """Whether a member's folder has a committed checkpoint to resume from."""
-    return bool(checkpoint.all_steps(folder / "checkpoints")) if (folder / "checkpoints").is_dir() else False
 
 
 def sweep_record(runs: Sequence[MemberRun], config: train.TrainConfig, backend: Backend, count: int) -> dict[str, Any]:

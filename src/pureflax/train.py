@@ -156,7 +156,7 @@ def enable_compilation_cache(directory: str | Path | None = None) -> Path:
     path = Path(directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_cache_dir() / "jax")
     jax.config.update("jax_compilation_cache_dir", str(path))
     # every program, however quick to compile: building a state runs a dozen small ones (the optimiser's zeros,
-    # one per shape), and the build took 1.0 s a run with them compiled anew, 0.5 s loaded; $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS overrides
+    # one per shape), together a good part of start-up; $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS overrides
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
     return path
 
@@ -267,7 +267,7 @@ def heap_frozen():
     """Python's cycle collector leaves the objects alive on entry alone until exit (``gc.freeze``).
 
     After importing JAX, Flax, Equinox and Orbax a process holds some 300,000 objects; a full
-    collection walks them all (0.2 s on a 2-core machine, for about ten freed objects), and a run
+    collection walks them all (a pause of a good fraction of a second, for about ten freed objects), and a run
     allocates enough to set one off mid-start-up. Objects made inside are collected as usual; on exit
     the frozen ones go back to the collector. A heap someone else froze is left as it is.
     """
