@@ -241,6 +241,39 @@ class Dispatched(NamedTuple):
     seconds: float  # how long its dispatch took (the first one's: compiling, or loading, the program)
 
 
+class Clock:
+    """Times the chunks of one or more :func:`dispatched` loops as they are handed out.
+
+    ``compile`` is the first dispatch's seconds: compiling (or loading) the program that runs
+    every chunk, 0 until that chunk has been handled; ``compiled`` says whether it has;
+    ``steps()`` is the seconds from the clock's start to now, less ``compile``.
+    """
+
+    def __init__(self) -> None:
+        self.began, self.first = time.perf_counter(), None
+
+    def timed(self, chunks: Iterator[Dispatched]) -> Iterator[Dispatched]:
+        """``chunks`` as they come; the first one's dispatch time becomes ``compile`` once it has been handled."""
+        for done in chunks:
+            yield done
+            if self.first is None:
+                self.first = done.seconds
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the first chunk has been handed out and handled."""
+        return self.first is not None
+
+    @property
+    def compile(self) -> float:
+        """The first dispatch's seconds (0 before it)."""
+        return self.first or 0.0
+
+    def steps(self) -> float:
+        """Seconds from the clock's start to now, less :attr:`compile`."""
+        return time.perf_counter() - self.began - self.compile
+
+
 def dispatched(runner: Runner, state: Any, data: Batch, order: Callable[[int], jax.Array], key: jax.Array,
                chunks: Iterator[Any], sync: Callable[[Any], bool]) -> Iterator[Dispatched]:
     """Run ``chunks`` one after another, each dispatched before the one before it is handed out.

@@ -405,7 +405,7 @@ def fit_sweep(
             log(f"{run.name}: {err}; {where}; the other members go on")
             run.folder.wait()
 
-        steps_start, compile_seconds = time.perf_counter(), None
+        clock = loop.Clock()
         while step < plan.total and any(run.stopped is None and run.final is None for run in live):
             until = min([run.pos.step for run in live if run.pos.step > step], default=plan.total)
             chunks = itertools.takewhile(lambda c: rundir.end_of(c, plan) <= until, rundir.chunks(step, plan))
@@ -414,12 +414,11 @@ def fit_sweep(
                 end = rundir.end_of(chunk, plan)
                 return stop.signum is not None or plan.checkpoint_due(end) or end == until
 
-            if stop.signum is not None and compile_seconds is None:
+            if stop.signum is not None and not clock.compiled:
                 raise rundir.Interrupted(stop.signum, step, saved=False)  # no step taken: nothing to save
-            for done in loop.dispatched(runner, carry, train_data, order, train_keys, chunks, sync):
-                if stop.signum is not None and compile_seconds is None and done.state is not None:
+            for done in clock.timed(loop.dispatched(runner, carry, train_data, order, train_keys, chunks, sync)):
+                if stop.signum is not None and not clock.compiled and done.state is not None:
                     raise rundir.Interrupted(stop.signum, step, saved=False)  # stopped while it compiled
-                compile_seconds = done.seconds if compile_seconds is None else compile_seconds
                 for run in live:
                     run.folder.wait()
                 at = rundir.end_of(done.chunk, plan) - done.chunk.length
@@ -438,7 +437,7 @@ def fit_sweep(
                     carry = carry._replace(states=placement.split(jax.tree.map(
                         lambda s, m, k=run.index: jnp.asarray(s).at[k].set(m), carry.states, run.waiting)))
                     run.waiting = None
-        steps_seconds = time.perf_counter() - steps_start - (compile_seconds or 0.0)
+        steps_seconds = clock.steps()
 
         means = np.asarray(evaluate(carry, eval_keys), np.float64)
         host = jax.device_get(carry.states)
@@ -455,7 +454,7 @@ def fit_sweep(
                 run.folder.save(backend.to_functional(member(host, run.index)), run.pos, float(test_metrics.loss))
             run.folder.wait()
             run.test = test_metrics
-        timing = train.Timing(compile_seconds or 0.0, steps_seconds, time.perf_counter() - start)
+        timing = train.Timing(clock.compile, steps_seconds, time.perf_counter() - start)
         hook("final", plan.total)
         for run in live:
             if run.stopped is not None:

@@ -353,10 +353,8 @@ def fit(
 
         if folder.stop_signal is not None:
             raise rundir.Interrupted(folder.stop_signal, pos.step, saved=False)  # no step taken: nothing to save
-        compile_seconds, steps_start, test_means = None, time.perf_counter(), None
-        for done in loop.dispatched(runner, state, train, order, keys.train, rundir.chunks(pos.step, plan), sync):
-            if compile_seconds is None:  # the first dispatch returns once the program is compiled (or loaded) and queued
-                compile_seconds = done.seconds
+        clock, test_means = loop.Clock(), None  # the first dispatch returns once the program is compiled (or loaded) and queued
+        for done in clock.timed(loop.dispatched(runner, state, train, order, keys.train, rundir.chunks(pos.step, plan), sync)):
             if folder.stop_signal is not None and pos.step == first and done.state is not None:
                 raise rundir.Interrupted(folder.stop_signal, pos.step, saved=False)  # stopped while it compiled
             folder.wait()  # the previous save commits (or fails, loudly) while this chunk computes
@@ -372,13 +370,12 @@ def fit(
             if folder.stop_signal is not None:
                 raise rundir.Interrupted(folder.stop_signal, pos.step)
         test_means = start_evaluation(state) if test_means is None else test_means
-        compile_seconds = compile_seconds or 0.0  # None: a resumed run with no step left to take
-        steps_seconds = time.perf_counter() - steps_start - compile_seconds
+        steps_seconds = clock.steps()  # no compile: a resumed run with no step left to take
         test_metrics = evaluated(test_means, pos.step)
         if folder.saved != plan.total:  # a resumed run that only lacked its final row has it already
             folder.save(backend.to_functional(state), pos, float(test_metrics.loss))
         folder.wait()
-        timing = Timing(compile_seconds, steps_seconds, time.perf_counter() - start)  # the pictures come after the timing
+        timing = Timing(clock.compile, steps_seconds, time.perf_counter() - start)  # the pictures come after the timing
         hook("final", pos.step)
         if config.pictures:
             with folder.writing("pictures", pos.step):
