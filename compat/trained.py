@@ -38,10 +38,6 @@ from pureflax.compat.backends import BACKENDS, conv_sizes, get_backend
 SUFFIXES = {"functional": checkpoint.PARAM_FILES, "equinox": (".eqx",), "flax": (".msgpack",), "nnx": ("",)}
 # A run folder holds the checkpoints here (scripts/train.py --out).
 CHECKPOINTS = "checkpoints"
-# Checkpoints written before runs recorded their plan: the schedule is rebuilt for MNIST's size.
-MNIST_TRAIN = 60_000
-
-
 class Checkpoint(NamedTuple):
     """One step of a run, and what the run recorded about itself."""
 
@@ -81,9 +77,9 @@ def _checkpoint(directory: Path, step: int) -> Checkpoint:
     meta = checkpoint.verify(directory, step)
     if "settings" in meta:
         config = train.TrainConfig.from_settings(meta["settings"])
-    else:  # written before runs recorded their settings: the sizes are read from the saved params
+    else:  # saved with checkpoint.save, not by a run: the sizes are read from the saved params, the rest is the defaults
         config = train.TrainConfig(model=vae.config_of(_saved_shapes(directory, step)))
-    total = meta.get("plan", {}).get("total") or config.total_steps(MNIST_TRAIN)
+    total = meta["plan"]["total"] if "plan" in meta else step  # the defaults' schedule is constant: any length will do
     return Checkpoint(directory, step, config, total)
 
 

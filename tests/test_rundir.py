@@ -66,10 +66,6 @@ def test_epoch_of_is_the_epoch_the_log_named():
     assert [rundir.epoch_of(s, 10) for s in (0, 1, 10, 11, 20)] == [0, 0, 0, 1, 1]
 
 
-def test_position_from_an_older_checkpoint_gets_an_empty_last_epoch():
-    assert Position.from_meta([5, [], [1.0, 2.0, 3.0], 5]).last_epoch == [0.0, 0.0, 0.0]
-
-
 def settings(**changes):
     config = train.TrainConfig(**changes)
     return rundir.settings_of(config, "functional", "ab" * 32)

@@ -123,7 +123,7 @@ def test_bad_arguments_are_value_errors_naming_them(run, call, named):
 def test_a_checkpoint_without_recorded_settings_is_sized_from_its_arrays(tmp_path):
     config = vae.VAEConfig(encoder_dimensions=(10, 6), decoder_dimensions=(6, 784), latent_dim=2)
     params = jax.jit(lambda k: vae.init(k, config))(jax.random.PRNGKey(0))
-    checkpoint.save(tmp_path, TrainState.create(params, optax.adamw(1e-4)))  # no meta, as earlier versions wrote
+    checkpoint.save(tmp_path, TrainState.create(params, optax.adamw(1e-4)))  # no settings: saved by the library, not by a run
     model = load(tmp_path, "equinox")
     assert model.latent_dim == 2 and model.encoder.layers[0].weight.shape == (10, 784)
     np.testing.assert_array_equal(model.encoder.layers[0].weight, np.asarray(params["encoder"]["Dense_0"]["kernel"]).T)

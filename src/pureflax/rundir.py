@@ -106,11 +106,6 @@ class Position(NamedTuple):
         """The position of a run that has taken no step."""
         return cls(0, [], [0.0, 0.0, 0.0], 0, [0.0, 0.0, 0.0])
 
-    @classmethod
-    def from_meta(cls, saved: list) -> Position:
-        """From a checkpoint's ``position`` (checkpoints before ``last_epoch`` lack it)."""
-        return cls(*saved) if len(saved) == len(cls._fields) else cls(*saved, [0.0, 0.0, 0.0])
-
 
 class Chunk(NamedTuple):
     """Steps ``start .. start + length - 1`` of epoch ``epoch``, run as one program."""
@@ -189,8 +184,6 @@ FLAGS = {"native_init": "--init", "fuse": "--no-fuse", "data": "--data", "model_
          "processes": "--num-processes"}
 # Settings set by a --no-X flag: True means the flag is absent.
 NEGATED = {"fuse", "pictures"}
-# Settings that runs recorded before the setting existed had, in effect.
-EARLIER_DEFAULTS = {"model_kind": "mlp"}
 
 
 def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -233,7 +226,6 @@ def compare_settings(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[s
     from the resumed step on.
     """
     refused, notes = [], []
-    saved = {**EARLIER_DEFAULTS, **saved}
     other_model = saved.get("model_kind") != now.get("model_kind")
     for name in sorted(set(saved) | set(now), key=lambda n: (n != "model_kind", n)):
         old, new = saved.get(name), now.get(name)
@@ -585,7 +577,7 @@ class RunFolder:
         position, state, notes = Position.start(), like, []
         if self.resume:
             functional, meta, notes = self._resume_point(to_functional(like))
-            state, position = from_functional(functional, like), Position.from_meta(meta["position"])
+            state, position = from_functional(functional, like), Position(*meta["position"])
             self._check_length(position.step)
             self.saved = position.step
         path = self.out / "metrics.jsonl"

@@ -94,7 +94,7 @@ class TrainConfig:
             values = {key[len(prefix):]: value for key, value in settings.items() if key[len(prefix):] in names and key.startswith(prefix)}
             return kind(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 
-        model = models.KINDS[{**rundir.EARLIER_DEFAULTS, **settings}["model_kind"]]
+        model = models.KINDS[settings["model_kind"]]
         return dataclasses.replace(of(cls, ""), model=of(model, "model."), optim=of(optim.OptimConfig, "optim."))
 
     def steps_per_epoch(self, num_train: int) -> int:
