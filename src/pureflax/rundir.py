@@ -23,10 +23,8 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -34,12 +32,16 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from pureflax import checkpoint, distributed, models, report
+from pureflax import checkpoint, distributed, report
+from pureflax.progress import Plan, Position, Chunk, end_of, chunks, epoch_of, advance, epoch_means  # noqa: F401
+from pureflax.settings import FIXED, FLAGS, NEGATED, flatten, settings_of, flag_of, compare_settings  # noqa: F401
+from pureflax.runlog import Log, read_log, rows_up_to, dumps, _write_rows, _keep_damaged, _lines  # noqa: F401
+from pureflax.stopflag import StopFlag  # noqa: F401
 
 PICTURES = ("samples.png", "reconstructions.png", "loss.png")
 RUN_FILES = ("metrics.jsonl", *PICTURES, "checkpoints")
@@ -74,246 +76,6 @@ class Interrupted(Exception):
             what = f"{name} before step {step + 1}; " + ("nothing was written" if step == 0 else f"the run is as it was at step {step}")
         super().__init__(what)
         self.signum, self.step, self.saved = signum, step, saved
-
-
-# --- the pure part: where a run is --------------------------------------------------------
-
-
-class Plan(NamedTuple):
-    """The fixed shape of a run, from its settings and the data size."""
-
-    steps_per_epoch: int
-    total: int  # steps in all
-    log_every: int
-    ckpt_every: int | None
-
-    def checkpoint_due(self, step: int) -> bool:
-        """A periodic checkpoint at ``step`` (the final one is saved by the finish)."""
-        return bool(self.ckpt_every) and step % self.ckpt_every == 0 and step < self.total
-
-
-class Position(NamedTuple):
-    """Where a run is, beyond the state: what a checkpoint must carry to resume exactly."""
-
-    step: int  # steps taken in all
-    window: list[list[float]]  # per-step (loss, mse, kl) since the last log line of this epoch
-    epoch_sums: list[float]  # (loss, mse, kl) summed over this epoch's steps so far
-    epoch_count: int  # steps of this epoch so far
-    last_epoch: list[float]  # (loss, mse, kl) means of the last finished epoch
-
-    @classmethod
-    def start(cls) -> Position:
-        """The position of a run that has taken no step."""
-        return cls(0, [], [0.0, 0.0, 0.0], 0, [0.0, 0.0, 0.0])
-
-
-class Chunk(NamedTuple):
-    """Steps ``start .. start + length - 1`` of epoch ``epoch``, run as one program."""
-
-    epoch: int
-    start: int
-    length: int
-
-
-def end_of(chunk: Chunk, plan: Plan) -> int:
-    """The global step a chunk ends at (steps taken in all once it has run)."""
-    return chunk.epoch * plan.steps_per_epoch + chunk.start + chunk.length
-
-
-def chunks(step: int, plan: Plan) -> Iterator[Chunk]:
-    """The chunks from global ``step`` to the end: each ends at a log line, a checkpoint, an epoch's end or the run's end."""
-    while step < plan.total:
-        epoch, within = divmod(step, plan.steps_per_epoch)
-        end = min(plan.steps_per_epoch, plan.total - epoch * plan.steps_per_epoch)
-        stop = min(end, (within // plan.log_every + 1) * plan.log_every)
-        if plan.ckpt_every:
-            stop = min(stop, (step // plan.ckpt_every + 1) * plan.ckpt_every - epoch * plan.steps_per_epoch)
-        yield Chunk(epoch, within, stop - within)
-        step += stop - within
-
-
-def epoch_of(step: int, steps_per_epoch: int) -> int:
-    """The epoch of the last step taken by ``step`` steps (the epoch the log lines named)."""
-    return max(step - 1, 0) // steps_per_epoch
-
-
-def advance(pos: Position, metrics: np.ndarray, plan: Plan) -> tuple[Position, dict[str, Any] | None]:
-    """The position after a chunk's per-step ``metrics`` (length, 3), and its log row if one is due.
-
-    A chunk never crosses a log line or an epoch's end (see :func:`chunks`). As in the
-    tutorial, a log window cut short by the end of an epoch is not logged.
-    """
-    step = pos.step + len(metrics)
-    epoch = epoch_of(step, plan.steps_per_epoch)
-    here = step - epoch * plan.steps_per_epoch
-    window = pos.window + np.asarray(metrics, np.float64).tolist()
-    sums = (np.asarray(pos.epoch_sums) + np.sum(metrics, axis=0)).tolist()
-    pos = Position(step, window, sums, pos.epoch_count + len(metrics), pos.last_epoch)
-    row = None
-    if here % plan.log_every == 0:
-        loss, mse, kl = np.mean(window, axis=0).tolist()
-        row = {"epoch": epoch, "step": here, "global_step": step, "loss": loss, "mse": mse, "kl": kl}
-        pos = pos._replace(window=[])
-    if here == plan.steps_per_epoch:
-        means = (np.asarray(sums) / pos.epoch_count).tolist()
-        pos = Position(step, [], [0.0, 0.0, 0.0], 0, means)
-    return pos, row
-
-
-def epoch_means(pos: Position) -> list[float]:
-    """(loss, mse, kl) means of the run's final epoch: the one under way, else the last finished."""
-    return (np.asarray(pos.epoch_sums) / pos.epoch_count).tolist() if pos.epoch_count else list(pos.last_epoch)
-
-
-# --- settings ---------------------------------------------------------------------------
-
-# Settings that change what the saved state or position means: a resume that changes one is refused.
-FIXED = {
-    "model_kind": "the saved params are that model's",
-    "model": "the saved params have the run's model sizes",
-    "optim.optimizer": "the saved optimiser state belongs to the run's optimiser",
-    "optim.grad_accum": "the saved accumulator and step count belong to it",
-    "optim.clip_norm": "the saved optimiser state was built with it",
-    "optim.ema": "the saved optimiser state holds its average",
-    "optim.freeze": "the saved optimiser state masks those params",
-    "batch_size": "the saved position counts batches of this size",
-    "seed": "the data order and every key derive from it",
-    "data": "the saved position indexes into that data",
-}
-FLAGS = {"native_init": "--init", "fuse": "--no-fuse", "data": "--data", "model_kind": "--model", "pictures": "--no-pictures",
-         "processes": "--num-processes"}
-# Settings set by a --no-X flag: True means the flag is absent.
-NEGATED = {"fuse", "pictures"}
-
-
-def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{'optim': {'lr': 1e-4}}`` -> ``{'optim.lr': 1e-4}``; tuples become lists, as JSON stores them."""
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
-def settings_of(config: Any, backend: str, data: str) -> dict[str, Any]:
-    """A run's full settings as recorded in each checkpoint: the config, the model kind, the backend, the data's sha256."""
-    return flatten({**dataclasses.asdict(config), "model_kind": models.kind_of(config.model), "backend": backend, "data": data,
-                    "processes": distributed.process_count()})
-
-
-def flag_of(name: str) -> str:
-    """The command-line flag that sets the setting ``name`` (a dotted path such as ``optim.lr``)."""
-    return FLAGS.get(name, "--" + name.rsplit(".", 1)[-1].replace("_", "-"))
-
-
-def _show(value: Any, name: str = "") -> str:
-    if name in NEGATED:  # a --no-X flag: say whether the flag is given, not the setting's value
-        return "off" if value else "on"
-    if value is None:
-        return "unset"
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "none"
-    return str(value)[:16] if isinstance(value, str) and len(value) == 64 else str(value)  # a sha256: its head
-
-
-def compare_settings(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """``(refused, notes)``: one line for each setting of ``now`` that differs from ``saved``.
-
-    A change in a :data:`FIXED` setting is refused; any other (the learning rate, the kl
-    weight, the schedule, the length of the run, the backend, logging) is noted and applies
-    from the resumed step on.
-    """
-    refused, notes = [], []
-    other_model = saved.get("model_kind") != now.get("model_kind")
-    for name in sorted(set(saved) | set(now), key=lambda n: (n != "model_kind", n)):
-        old, new = saved.get(name), now.get(name)
-        if old == new or name not in saved or (other_model and name.startswith("model.")):
-            continue  # another model's sizes: --model says it all
-        group = next((g for g in FIXED if name == g or name.startswith(g + ".")), None)
-        flag = flag_of(name)
-        if group:
-            refused.append(
-                f"--resume: {flag} {_show(new, name)} differs from the run's {_show(old, name)} ({FIXED[group]}); "
-                f"resume with {flag} {_show(old, name)}, or start a new run in another --out"
-            )
-        else:
-            notes.append(f"{flag} is {_show(new, name)} from here on (the run had {_show(old, name)})")
-    return refused, notes
-
-
-# --- the log -----------------------------------------------------------------------------
-
-
-class Log(NamedTuple):
-    """``metrics.jsonl`` as read: its rows, the lines in the middle that are not rows, and a last line cut short."""
-
-    rows: list[dict[str, Any]]
-    damaged: list[tuple[int, bytes]]  # (line number, the line's bytes): kept in metrics.jsonl.damaged, never deleted
-    cut: bytes | None  # a last line with no newline that does not parse: a write cut short, written again
-
-
-def _row(line: bytes) -> dict[str, Any] | None:
-    """A log line as its row, or ``None``: strict JSON (no NaN or Infinity), an object."""
-    try:
-        row = json.loads(line, parse_constant=_refuse_constant)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) else None
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def read_log(path: Path) -> Log:
-    """The rows of ``metrics.jsonl``; a line that cannot be read is reported, never silently lost (see :class:`Log`)."""
-    if not path.exists():
-        return Log([], [], None)
-    lines = path.read_bytes().split(b"\n")
-    last = lines.pop()  # b"" when the file ends with a newline, else a line whose write was cut short
-    rows, damaged, cut = [], [], None
-    for number, line in enumerate(lines, 1):
-        row = _row(line)
-        if row is not None:
-            rows.append(row)
-        elif line.strip():
-            damaged.append((number, line))
-    if last.strip():
-        row = _row(last)
-        rows, cut = (rows + [row], None) if row is not None else (rows, last)
-    return Log(rows, damaged, cut)
-
-
-def rows_up_to(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
-    """The rows a resume at ``step`` keeps: those logged by then (the final row is written again)."""
-    return [row for row in rows if "global_step" in row and row["global_step"] <= step]
-
-
-def dumps(row: dict[str, Any]) -> str:
-    """One log line: strict JSON (a NaN or an infinity raises ``ValueError``, never becomes ``NaN``)."""
-    return json.dumps(row, allow_nan=False)
-
-
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
-
-
-def _keep_damaged(path: Path, damaged: list[tuple[int, bytes]]) -> Path:
-    """Append the unreadable lines to ``<log>.damaged``, each after its line number (``line 2: ...``)."""
-    kept = path.with_name(path.name + ".damaged")
-    with open(kept, "ab") as f:
-        f.write(b"".join(b"line %d: %s\n" % (number, line) for number, line in damaged))
-    return kept
-
-
-def _lines(numbers: list[int]) -> str:
-    shown = ", ".join(map(str, numbers[:5])) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
-    return f"line{'s' if len(numbers) > 1 else ''} {shown}"
-
 
 # --- the folder -----------------------------------------------------------------------------
 
@@ -472,43 +234,6 @@ def lock_holder(fd: int) -> str:
         if pids:
             return pids[0]
     return "unknown"
-
-
-class StopFlag:
-    """Records SIGINT/SIGTERM so the loop can save and stop between chunks (restores the old handlers).
-
-    ``signum``: a signal that arrived before (a script records them from its first line, so a
-    Ctrl-C during start-up is never raised inside an import or a callback).
-    """
-
-    def __init__(self, signum: int | None = None):
-        self.signum: int | None = signum
-        self._old = {}
-        self._depth = 0  # entered this many times (a sweep's run folders share one flag): the outermost installs
-
-    def __enter__(self):
-        self._depth += 1
-        if self._depth > 1:
-            return self
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._set)
-            except ValueError:  # not the main thread: no handlers, the run cannot be interrupted cleanly
-                pass
-        return self
-
-    def _set(self, signum, frame):
-        del frame
-        self.signum = self.signum or signum  # the first one counts; Ctrl-C held down is one stop
-
-    def __exit__(self, *exc):
-        self._depth -= 1
-        if self._depth:
-            return
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        self._old = {}
-
 
 @contextlib.contextmanager
 def _writing(what: str, step: int, out: Path) -> Iterator[None]:

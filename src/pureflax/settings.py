@@ -1,0 +1,86 @@
+"""A run's settings as each checkpoint records them, and what a resume may change: a change that
+would make the saved state or position mean something else is refused, naming the flag and both
+values; any other is noted. :mod:`pureflax.rundir` exports these names."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pureflax import distributed, models
+
+
+# Settings that change what the saved state or position means: a resume that changes one is refused.
+FIXED = {
+    "model_kind": "the saved params are that model's",
+    "model": "the saved params have the run's model sizes",
+    "optim.optimizer": "the saved optimiser state belongs to the run's optimiser",
+    "optim.grad_accum": "the saved accumulator and step count belong to it",
+    "optim.clip_norm": "the saved optimiser state was built with it",
+    "optim.ema": "the saved optimiser state holds its average",
+    "optim.freeze": "the saved optimiser state masks those params",
+    "batch_size": "the saved position counts batches of this size",
+    "seed": "the data order and every key derive from it",
+    "data": "the saved position indexes into that data",
+}
+FLAGS = {"native_init": "--init", "fuse": "--no-fuse", "data": "--data", "model_kind": "--model", "pictures": "--no-pictures",
+         "processes": "--num-processes"}
+# Settings set by a --no-X flag: True means the flag is absent.
+NEGATED = {"fuse", "pictures"}
+
+
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'optim': {'lr': 1e-4}}`` -> ``{'optim.lr': 1e-4}``; tuples become lists, as JSON stores them."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def settings_of(config: Any, backend: str, data: str) -> dict[str, Any]:
+    """A run's full settings as recorded in each checkpoint: the config, the model kind, the backend, the data's sha256."""
+    return flatten({**dataclasses.asdict(config), "model_kind": models.kind_of(config.model), "backend": backend, "data": data,
+                    "processes": distributed.process_count()})
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag that sets the setting ``name`` (a dotted path such as ``optim.lr``)."""
+    return FLAGS.get(name, "--" + name.rsplit(".", 1)[-1].replace("_", "-"))
+
+
+def _show(value: Any, name: str = "") -> str:
+    if name in NEGATED:  # a --no-X flag: say whether the flag is given, not the setting's value
+        return "off" if value else "on"
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value)[:16] if isinstance(value, str) and len(value) == 64 else str(value)  # a sha256: its head
+
+
+def compare_settings(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(refused, notes)``: one line for each setting of ``now`` that differs from ``saved``.
+
+    A change in a :data:`FIXED` setting is refused; any other (the learning rate, the kl
+    weight, the schedule, the length of the run, the backend, logging) is noted and applies
+    from the resumed step on.
+    """
+    refused, notes = [], []
+    other_model = saved.get("model_kind") != now.get("model_kind")
+    for name in sorted(set(saved) | set(now), key=lambda n: (n != "model_kind", n)):
+        old, new = saved.get(name), now.get(name)
+        if old == new or name not in saved or (other_model and name.startswith("model.")):
+            continue  # another model's sizes: --model says it all
+        group = next((g for g in FIXED if name == g or name.startswith(g + ".")), None)
+        flag = flag_of(name)
+        if group:
+            refused.append(
+                f"--resume: {flag} {_show(new, name)} differs from the run's {_show(old, name)} ({FIXED[group]}); "
+                f"resume with {flag} {_show(old, name)}, or start a new run in another --out"
+            )
+        else:
+            notes.append(f"{flag} is {_show(new, name)} from here on (the run had {_show(old, name)})")
+    return refused, notes
