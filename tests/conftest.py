@@ -67,6 +67,7 @@ def pytest_sessionfinish(session, exitstatus):
 # out before the quick ones and the workers finish together: seconds of one worker each,
 # measured with --durations=0 on a 2-core CPU. Files not listed keep their order, after these.
 SLOWEST_FIRST = ("test_distributed.py", "test_resume.py", "test_docs.py", "test_faults.py", "test_sweep.py", "test_convvae.py", "test_parity.py",
+                 "test_site.py", "test_notebook.py",
                  "test_train.py", "test_trained.py", "test_loop.py", "test_migrate.py", "test_nnx.py",
                  "test_pytorch.py", "test_backends.py", "test_vae.py", "test_convert.py", "test_layers.py",
                  "test_optim.py", "test_convert_layers.py", "test_step.py")

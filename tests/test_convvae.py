@@ -190,11 +190,8 @@ def test_resuming_with_another_model_is_refused_in_one_line_naming_the_flag():
         "--resume: --model conv differs from the run's mlp (the saved params are that model's); "
         "resume with --model mlp, or start a new run in another --out"
     ]
-    earlier = {k: v for k, v in mlp.items() if k != "model_kind"}  # recorded before --model existed
-    assert rundir.compare_settings(earlier, mlp) == ([], [])
-    assert len(rundir.compare_settings(earlier, conv)[0]) == 1
     assert train.TrainConfig.from_settings(conv).model == convvae.ConvVAEConfig()
-    assert train.TrainConfig.from_settings(earlier).model == vae.VAEConfig()
+    assert train.TrainConfig.from_settings(mlp).model == vae.VAEConfig()
 
 
 @pytest.mark.parametrize("form,name,result", [("functional", "m.safetensors", "variables"), ("equinox", "m.eqx", ("model", "state")),
