@@ -72,6 +72,26 @@ def conv(
     (Flax's HWIO) and ``bias`` (features,). ``'SAME'`` pads as ``lax.conv_general_dilated``
     does, which with a stride is not symmetric (more on the high side).
 
+    Args:
+        features: output channels.
+        kernel_size: the window, one int per spatial dimension (an int: one dimension).
+        strides: the step per spatial dimension (an int is repeated).
+        padding: ``'SAME'``, ``'VALID'``, an int (both sides of every dimension) or one
+            ``(low, high)`` pair per spatial dimension.
+        input_dilation: the input's dilation per spatial dimension (an int is repeated).
+        kernel_dilation: the kernel's dilation per spatial dimension (an int is repeated).
+        feature_group_count: how many groups the input and output channels split into.
+        use_bias: whether to add a bias.
+        kernel_init: ``init(key, shape, dtype)`` for the kernel.
+        bias_init: ``init(key, shape, dtype)`` for the (features,) bias.
+
+    Returns:
+        A :class:`Layer` whose params are ``{'kernel': ..., 'bias': (features,)}``.
+
+    Raises:
+        ValueError: if a size, stride, dilation or padding is malformed, or ``features`` is not
+            a positive multiple of ``feature_group_count``.
+
     Examples:
         >>> import jax, jax.numpy as jnp
         >>> layer = conv(8, (3, 3), strides=2)
@@ -128,6 +148,26 @@ def conv_transpose(
     Params: ``kernel`` of shape ``kernel_size + (in_features, features)`` (``(features,
     in_features)`` last with ``transpose_kernel=True``) and ``bias`` (features,).
 
+    Args:
+        features: output channels.
+        kernel_size: the window, one int per spatial dimension (an int: one dimension).
+        strides: the step per spatial dimension (an int is repeated).
+        padding: ``'SAME'``, ``'VALID'``, an int (both sides of every dimension) or one
+            ``(low, high)`` pair per spatial dimension.
+        kernel_dilation: the kernel's dilation per spatial dimension (an int is repeated).
+        transpose_kernel: flip the kernel spatially and swap its last two axes, as the
+            gradient of a convolution does.
+        use_bias: whether to add a bias.
+        kernel_init: ``init(key, shape, dtype)`` for the kernel.
+        bias_init: ``init(key, shape, dtype)`` for the (features,) bias.
+
+    Returns:
+        A :class:`Layer` whose params are ``{'kernel': ..., 'bias': (features,)}``.
+
+    Raises:
+        ValueError: if a size, stride, dilation or padding is malformed, or ``features`` is not
+            a positive int.
+
     Examples:
         >>> import jax, jax.numpy as jnp
         >>> layer = conv_transpose(1, (3, 3), strides=2)
@@ -175,10 +215,38 @@ def _pool(x: ArrayLike, init: float, op: Callable, window: Sequence[int], stride
 
 
 def avg_pool(x: ArrayLike, window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: Any = "VALID") -> Array:
-    """Average over windows (Flax's ``nn.avg_pool``, padding counted): ``(batch, *spatial, features)``."""
+    """Average over windows (Flax's ``nn.avg_pool``, padding counted).
+
+    Args:
+        x: the input, ``(batch, *spatial, features)``.
+        window_shape: the window, one int per spatial dimension.
+        strides: the step per spatial dimension; ``None`` steps by 1.
+        padding: ``'SAME'``, ``'VALID'``, an int or one ``(low, high)`` pair per spatial dimension.
+
+    Returns:
+        The window means, ``(batch, *pooled, features)``.
+
+    Raises:
+        ValueError: if ``x`` does not have one spatial dimension per window entry, or the
+            padding is malformed.
+    """
     return _pool(x, 0.0, jax.lax.add, window_shape, strides, padding) / float(jnp.prod(jnp.array(window_shape)))
 
 
 def max_pool(x: ArrayLike, window_shape: Sequence[int], strides: Sequence[int] | None = None, padding: Any = "VALID") -> Array:
-    """The maximum over windows (Flax's ``nn.max_pool``)."""
+    """The maximum over windows (Flax's ``nn.max_pool``).
+
+    Args:
+        x: the input, ``(batch, *spatial, features)``.
+        window_shape: the window, one int per spatial dimension.
+        strides: the step per spatial dimension; ``None`` steps by 1.
+        padding: ``'SAME'``, ``'VALID'``, an int or one ``(low, high)`` pair per spatial dimension.
+
+    Returns:
+        The window maxima, ``(batch, *pooled, features)``.
+
+    Raises:
+        ValueError: if ``x`` does not have one spatial dimension per window entry, or the
+            padding is malformed.
+    """
     return _pool(x, -jnp.inf, jax.lax.max, window_shape, strides, padding)

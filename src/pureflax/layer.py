@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 Params = dict[str, Any]
@@ -42,7 +43,17 @@ class Layer(NamedTuple):
 
 
 def activation(name: str) -> Callable[[Array], Array]:
-    """Look up an activation function by name (``relu``, ``gelu``, ``silu``, ...)."""
+    """Look up an activation function by name (``relu``, ``gelu``, ``silu``, ...).
+
+    Args:
+        name: a key of :data:`ACTIVATIONS`.
+
+    Returns:
+        The activation, an elementwise function of an array.
+
+    Raises:
+        ValueError: if ``name`` is not a key of :data:`ACTIVATIONS`.
+    """
     try:
         return ACTIVATIONS[name]
     except KeyError:
@@ -64,6 +75,9 @@ def fold_in_path(key: PRNGKeyArray, path: Sequence[PathPart]) -> PRNGKeyArray:
 
     Returns:
         The derived key; ``key`` itself when ``path`` is empty.
+
+    Raises:
+        ValueError: if a part of ``path`` is neither a str nor a non-negative int.
     """
     if not path:
         return key
@@ -80,31 +94,87 @@ def fold_in_path(key: PRNGKeyArray, path: Sequence[PathPart]) -> PRNGKeyArray:
 
 
 def as_scope(key: PRNGKeyArray | Scope) -> Scope:
-    """Accept a bare key (a root scope) or a :class:`Scope`."""
+    """Accept a bare key (a root scope) or a :class:`Scope`.
+
+    Args:
+        key: a PRNG key or a :class:`Scope`.
+
+    Returns:
+        ``key`` if it is a :class:`Scope`, else the root scope ``Scope(key)``.
+    """
     return key if isinstance(key, Scope) else Scope(key)
 
 
 def child(key: PRNGKeyArray | Scope, name: str) -> Scope:
-    """The scope of a sub-layer called ``name``."""
+    """The scope of a sub-layer called ``name``.
+
+    Args:
+        key: the parent layer's key or :class:`Scope`.
+        name: the sub-layer's name, as Flax names the module (``'Dense_0'``).
+
+    Returns:
+        The parent's scope with ``name`` appended to its path.
+    """
     scope = as_scope(key)
     return Scope(scope.key, scope.path + (name,))
 
 
 def param_key(key: PRNGKeyArray | Scope, counter: int) -> PRNGKeyArray:
-    """The key for the ``counter``-th (1-based) random draw of a layer, as Flax makes it."""
+    """The key for the ``counter``-th (1-based) random draw of a layer, as Flax makes it.
+
+    Args:
+        key: the layer's key or :class:`Scope`.
+        counter: which draw of the layer, counting from 1.
+
+    Returns:
+        The root key with the layer's path and ``counter`` folded in.
+    """
     scope = as_scope(key)
     return fold_in_path(scope.key, scope.path + (counter,))
 
 
-def lecun_normal(key: PRNGKeyArray, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-    """Flax's default kernel init: truncated normal with variance 1 / fan_in."""
+def lecun_normal(key: PRNGKeyArray, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32) -> Array:
+    """Flax's default kernel init: truncated normal with variance 1 / fan_in.
+
+    Args:
+        key: the PRNG key to draw from.
+        shape: the kernel's shape, ``(..., in, out)``.
+        dtype: the kernel's dtype.
+
+    Returns:
+        The kernel.
+    """
     return jax.nn.initializers.lecun_normal()(key, shape, dtype)
 
 
-def zeros(key: PRNGKeyArray, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-    """Flax's default bias init."""
+def zeros(key: PRNGKeyArray, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32) -> Array:
+    """Flax's default bias init.
+
+    Args:
+        key: unused; the draw is still counted, as in Flax.
+        shape: the bias's shape.
+        dtype: the bias's dtype.
+
+    Returns:
+        Zeros of ``shape``.
+    """
     del key  # the draw is still counted, as in Flax, so later keys stay aligned
     return jnp.zeros(shape, dtype)
+
+
+def ones(key: PRNGKeyArray, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32) -> Array:
+    """Flax's default scale init.
+
+    Args:
+        key: unused; the draw is still counted, as in Flax.
+        shape: the scale's shape.
+        dtype: the scale's dtype.
+
+    Returns:
+        Ones of ``shape``.
+    """
+    del key  # counted, as in Flax
+    return jnp.ones(shape, dtype)
 
 
 def _check_last_dim(where: str, x: ArrayLike, kernel: ArrayLike, *, what: str = "argument x: input", kernel_name: str = "its kernel") -> None:
@@ -122,12 +192,6 @@ def _check_last_dim(where: str, x: ArrayLike, kernel: ArrayLike, *, what: str = 
 
 def _shape(x: Example) -> tuple[int, ...]:
     return tuple(x.shape) if isinstance(x, jax.ShapeDtypeStruct) else jnp.shape(x)
-
-
-def ones(key: PRNGKeyArray, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-    """Flax's default scale init."""
-    del key  # counted, as in Flax
-    return jnp.ones(shape, dtype)
 
 
 class StatefulLayer(NamedTuple):

@@ -58,6 +58,9 @@ def dense(
     Returns:
         A :class:`Layer` whose params are ``{'kernel': (in, out), 'bias': (out,)}``.
 
+    Raises:
+        ValueError: if ``features`` is not a positive int.
+
     Examples:
         >>> import jax, jax.numpy as jnp
         >>> layer = dense(2)
@@ -99,6 +102,9 @@ def feed_forward(
 
     Returns:
         A :class:`Layer` with params ``{'Dense_0': ..., 'Dense_1': ..., ...}``.
+
+    Raises:
+        ValueError: if ``dimensions`` is empty or ``activation_fn`` is not a known name.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -150,6 +156,9 @@ def dropout(rate: float, *, deterministic: bool = False) -> Layer:
     Returns:
         A :class:`Layer` with empty params; ``apply(params, x, *, key=None,
         deterministic=None)`` needs ``key`` unless deterministic.
+
+    Raises:
+        ValueError: if ``rate`` is not in [0, 1].
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -206,6 +215,16 @@ def sequential(layers: Sequence[Layer | Callable[[Array], Array]]) -> Layer:
     as Flax names them; plain functions such as ``jax.nn.relu`` take no params.
     ``apply(params, x, *, key=None)`` passes each random layer (dropout) the scope
     ``layers_{i}`` of ``key``, so masks match Flax's under ``rngs={'dropout': key}``.
+
+    Args:
+        layers: the layers and functions, applied in order.
+
+    Returns:
+        A :class:`Layer` with params ``{'layers_{i}': ...}`` for each layer that has any.
+
+    Raises:
+        ValueError: if ``layers`` is empty.
+        TypeError: if an entry is neither a :class:`Layer` nor callable.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -265,11 +284,27 @@ class Bound(NamedTuple):
     params: Params
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Apply with the attached params: ``self.apply(self.params, *args, **kwargs)``.
+
+        Args:
+            *args: the apply function's arguments after its params.
+            **kwargs: the apply function's keyword arguments.
+
+        Returns:
+            What the apply function returns.
+        """
         return self.apply(self.params, *args, **kwargs)
 
 
 def bind(apply: Callable[..., Any], params: Params) -> Bound:
     """Attach ``params`` to ``apply``: ``bind(layer.apply, p)(x) == layer.apply(p, x)``.
+
+    Args:
+        apply: a layer's apply function, params first.
+        params: the params to attach.
+
+    Returns:
+        A :class:`Bound` that calls ``apply(params, ...)``.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -282,5 +317,12 @@ def bind(apply: Callable[..., Any], params: Params) -> Bound:
 
 
 def unbind(bound: Bound) -> tuple[Callable[..., Any], Params]:
-    """Split a :class:`Bound` back into ``(apply, params)``."""
+    """Split a :class:`Bound` back into ``(apply, params)``.
+
+    Args:
+        bound: what :func:`bind` returned.
+
+    Returns:
+        ``(apply, params)``, as given to :func:`bind`.
+    """
     return bound.apply, bound.params

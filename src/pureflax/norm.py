@@ -48,6 +48,14 @@ def _norm_params(key: PRNGKeyArray | Scope, features: int, use_scale: bool, use_
 def layer_norm(*, epsilon: float = 1e-6, use_scale: bool = True, use_bias: bool = True) -> Layer:
     """Normalise each example over its last axis (Flax's ``nn.LayerNorm``: ε = 1e-6; Equinox's is 1e-5).
 
+    Args:
+        epsilon: added to the variance before the square root.
+        use_scale: whether to learn a per-feature ``scale``.
+        use_bias: whether to learn a per-feature ``bias``.
+
+    Returns:
+        A :class:`Layer` whose params are ``{'scale': (features,), 'bias': (features,)}``.
+
     Examples:
         >>> import jax, jax.numpy as jnp
         >>> layer = layer_norm()
@@ -68,7 +76,21 @@ def layer_norm(*, epsilon: float = 1e-6, use_scale: bool = True, use_bias: bool 
 
 
 def group_norm(num_groups: int = 32, *, epsilon: float = 1e-6, use_scale: bool = True, use_bias: bool = True) -> Layer:
-    """Normalise each example over its spatial axes and groups of features (Flax's ``nn.GroupNorm``)."""
+    """Normalise each example over its spatial axes and groups of features (Flax's ``nn.GroupNorm``).
+
+    Args:
+        num_groups: how many groups the features split into; it must divide the feature count.
+        epsilon: added to the variance before the square root.
+        use_scale: whether to learn a per-feature ``scale``.
+        use_bias: whether to learn a per-feature ``bias``.
+
+    Returns:
+        A :class:`Layer` whose params are ``{'scale': (features,), 'bias': (features,)}``.
+
+    Raises:
+        ValueError: if ``num_groups`` is not a positive int, or (at ``init`` and ``apply``)
+            does not divide the input's features.
+    """
     if not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"group_norm: num_groups must be a positive int, got {num_groups!r}")
 
@@ -98,6 +120,19 @@ def batch_norm(*, momentum: float = 0.99, epsilon: float = 1e-5, use_scale: bool
     ``batch_stats``. ``train=True`` normalises with the batch's statistics and returns the
     running ones updated as ``momentum · running + (1 − momentum) · batch``; ``train=False``
     uses the running statistics and returns the state unchanged.
+
+    Args:
+        momentum: the running statistics' weight on their old value, in [0, 1].
+        epsilon: added to the variance before the square root.
+        use_scale: whether to learn a per-feature ``scale``.
+        use_bias: whether to learn a per-feature ``bias``.
+
+    Returns:
+        A :class:`StatefulLayer` with params ``{'scale', 'bias'}`` and state ``{'mean', 'var'}``,
+        each (features,).
+
+    Raises:
+        ValueError: if ``momentum`` is not in [0, 1].
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -134,6 +169,16 @@ def batch_norm(*, momentum: float = 0.99, epsilon: float = 1e-5, use_scale: bool
 
 def embed(num_embeddings: int, features: int, *, embedding_init: Callable[..., Array] | None = None) -> Layer:
     """A lookup table (Flax's ``nn.Embed``): params ``embedding`` (num_embeddings, features).
+
+    Args:
+        num_embeddings: how many rows the table has (the number of distinct indices).
+        features: the size of each row.
+        embedding_init: ``init(key, shape, dtype)`` for the table; ``None`` is Flax's default,
+            variance scaling 1 over fan-in, normal.
+
+    Returns:
+        A :class:`Layer` whose ``apply(params, indices)`` appends a ``features`` axis; it raises
+        ``ValueError`` for indices that are not integers.
 
     Examples:
         >>> import jax, jax.numpy as jnp
