@@ -1,7 +1,16 @@
 """Where a run is, as pure values: its :class:`Plan` (epochs, log lines, checkpoints), its
 :class:`Position` (what a checkpoint carries to resume exactly), the chunks of steps it runs as
 one program each, and the log windows and epoch means those steps make. :mod:`pureflax.rundir`
-exports these names."""
+exports these names.
+
+Examples:
+    >>> plan = Plan(steps_per_epoch=5, total=12, log_every=2, ckpt_every=4)
+    >>> [(c.epoch, c.start, c.length) for c in chunks(0, plan)][:4]
+    [(0, 0, 2), (0, 2, 2), (0, 4, 1), (1, 0, 2)]
+    >>> pos, row = advance(Position.start(), np.ones((2, 3)), plan)
+    >>> pos.step, row["global_step"], row["loss"]
+    (2, 2, 1.0)
+"""
 
 from __future__ import annotations
 
@@ -20,7 +29,14 @@ class Plan(NamedTuple):
     ckpt_every: int | None
 
     def checkpoint_due(self, step: int) -> bool:
-        """A periodic checkpoint at ``step`` (the final one is saved by the finish)."""
+        """Whether a periodic checkpoint is due at a step (the final one is saved by the finish).
+
+        Args:
+            step: steps taken in all.
+
+        Returns:
+            ``True`` at each multiple of ``ckpt_every`` before the run's end.
+        """
         return bool(self.ckpt_every) and step % self.ckpt_every == 0 and step < self.total
 
 
@@ -48,12 +64,28 @@ class Chunk(NamedTuple):
 
 
 def end_of(chunk: Chunk, plan: Plan) -> int:
-    """The global step a chunk ends at (steps taken in all once it has run)."""
+    """The global step a chunk ends at.
+
+    Args:
+        chunk: the chunk.
+        plan: the run's plan.
+
+    Returns:
+        Steps taken in all once the chunk has run.
+    """
     return chunk.epoch * plan.steps_per_epoch + chunk.start + chunk.length
 
 
 def chunks(step: int, plan: Plan) -> Iterator[Chunk]:
-    """The chunks from global ``step`` to the end: each ends at a log line, a checkpoint, an epoch's end or the run's end."""
+    """The chunks from a global step to the run's end.
+
+    Args:
+        step: steps taken in all so far.
+        plan: the run's plan.
+
+    Returns:
+        The chunks in order; each ends at a log line, a checkpoint, an epoch's end or the run's end.
+    """
     while step < plan.total:
         epoch, within = divmod(step, plan.steps_per_epoch)
         end = min(plan.steps_per_epoch, plan.total - epoch * plan.steps_per_epoch)
@@ -65,7 +97,15 @@ def chunks(step: int, plan: Plan) -> Iterator[Chunk]:
 
 
 def epoch_of(step: int, steps_per_epoch: int) -> int:
-    """The epoch of the last step taken by ``step`` steps (the epoch the log lines named)."""
+    """The epoch of the last step taken (the epoch the log lines named).
+
+    Args:
+        step: steps taken in all.
+        steps_per_epoch: steps in an epoch.
+
+    Returns:
+        The epoch, counted from 0 (0 before any step).
+    """
     return max(step - 1, 0) // steps_per_epoch
 
 
@@ -74,6 +114,15 @@ def advance(pos: Position, metrics: np.ndarray, plan: Plan) -> tuple[Position, d
 
     A chunk never crosses a log line or an epoch's end (see :func:`chunks`). As in the
     tutorial, a log window cut short by the end of an epoch is not logged.
+
+    Args:
+        pos: the position before the chunk.
+        metrics: the chunk's (loss, mse, kl) for each step, shape (length, 3).
+        plan: the run's plan.
+
+    Returns:
+        The new position, and the log row (``epoch``, ``step``, ``global_step``, ``loss``,
+        ``mse``, ``kl``) when the chunk ends at a log line, else ``None``.
     """
     step = pos.step + len(metrics)
     epoch = epoch_of(step, plan.steps_per_epoch)
@@ -93,5 +142,12 @@ def advance(pos: Position, metrics: np.ndarray, plan: Plan) -> tuple[Position, d
 
 
 def epoch_means(pos: Position) -> list[float]:
-    """(loss, mse, kl) means of the run's final epoch: the one under way, else the last finished."""
+    """The means of the run's final epoch: the one under way, else the last finished.
+
+    Args:
+        pos: the run's position.
+
+    Returns:
+        The (loss, mse, kl) means.
+    """
     return (np.asarray(pos.epoch_sums) / pos.epoch_count).tolist() if pos.epoch_count else list(pos.last_epoch)

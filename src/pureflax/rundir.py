@@ -8,16 +8,18 @@ the ones recorded, restores the latest good checkpoint, records each chunk of st
 saves (orbax keeps the newest and the best), turns SIGINT/SIGTERM into a saved stop, and
 writes the final row.
 
-The arithmetic of a run's progress is pure and lives here too: :class:`Position`,
-:func:`advance` (the position after a chunk) and :func:`chunks` (where chunks end).
+Where a run is (:mod:`pureflax.progress`), the settings it records (:mod:`pureflax.settings`),
+its log (:mod:`pureflax.runlog`) and :class:`StopFlag` (:mod:`pureflax.stopflag`) have modules
+of their own; this one exports the names of theirs that its callers use.
 
 Examples:
-    >>> plan = Plan(steps_per_epoch=5, total=12, log_every=2, ckpt_every=4)
-    >>> [(c.epoch, c.start, c.length) for c in chunks(0, plan)][:4]
-    [(0, 0, 2), (0, 2, 2), (0, 4, 1), (1, 0, 2)]
-    >>> pos, row = advance(Position.start(), np.ones((2, 3)), plan)
-    >>> pos.step, row["global_step"], row["loss"]
-    (2, 2, 1.0)
+    >>> out = Path(tempfile.mkdtemp())
+    >>> check(out), held(out)
+    (None, [])
+    >>> _ = (out / "metrics.jsonl").write_text('{"loss": 1.0}')
+    >>> check(out)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    pureflax.rundir.RunError: --out ... already holds a run (metrics.jsonl); pass --overwrite, --resume, or choose another --out
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pureflax import checkpoint, distributed, report
-from pureflax.progress import Plan, Position, Chunk, end_of, chunks, epoch_of, advance, epoch_means  # noqa: F401
-from pureflax.settings import FIXED, FLAGS, NEGATED, flatten, settings_of, flag_of, compare_settings  # noqa: F401
-from pureflax.runlog import Log, read_log, rows_up_to, dumps, _write_rows, _keep_damaged, _lines  # noqa: F401
-from pureflax.stopflag import StopFlag  # noqa: F401
+from pureflax.progress import Chunk, Plan, Position, advance, chunks, end_of, epoch_means, epoch_of  # noqa: F401
+from pureflax.runlog import dumps, keep_damaged, read_log, rows_up_to, write_rows
+from pureflax.settings import compare_settings, settings_of  # noqa: F401
+from pureflax.stopflag import StopFlag
 
 PICTURES = ("samples.png", "reconstructions.png", "loss.png")
 RUN_FILES = ("metrics.jsonl", *PICTURES, "checkpoints")
@@ -82,6 +84,11 @@ class Interrupted(Exception):
 
 def check(out: Path, *, overwrite: bool = False, resume: bool = False) -> None:
     """Refuse, before any work, an ``out`` that cannot take this run; changes nothing.
+
+    Args:
+        out: the run folder (``--out``).
+        overwrite: ``--overwrite`` was given.
+        resume: ``--resume`` was given.
 
     Raises:
         RunError: ``out`` is a file, holds a run (without ``overwrite``/``resume``), holds no
@@ -235,6 +242,13 @@ def lock_holder(fd: int) -> str:
             return pids[0]
     return "unknown"
 
+
+def _lines(numbers: list[int]) -> str:
+    """``line 2`` or ``lines 2, 5, ...``: the line numbers a log message names (the first five, then how many more)."""
+    shown = ", ".join(map(str, numbers[:5])) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}"
+
+
 @contextlib.contextmanager
 def _writing(what: str, step: int, out: Path) -> Iterator[None]:
     """Turn an I/O failure into one :class:`SaveError` that names the step and the folder."""
@@ -309,7 +323,7 @@ class RunFolder:
         with _writing("metrics.jsonl", position.step, self.out):
             log = read_log(path)
             if log.damaged:
-                kept = _keep_damaged(path, log.damaged)
+                kept = keep_damaged(path, log.damaged)
                 self.log(f"metrics.jsonl: {_lines([n for n, _ in log.damaged])} cannot be read; "
                          f"kept in {kept.name} under their line numbers")
             if log.cut is not None:
@@ -322,7 +336,7 @@ class RunFolder:
             if notes:
                 self.rows.append({"event": "resume", "global_step": position.step, "changed": notes})
             if self.primary:
-                _write_rows(path, self.rows)
+                write_rows(path, self.rows)
                 self._file = self._stack.enter_context(open(path, "a"))
             self._manager = self._stack.enter_context(
                 checkpoint.manager(self.ckpt_dir, keep=self.keep, keep_best=self.keep_best, cleanup=self.primary))
@@ -456,6 +470,7 @@ class RunFolder:
 
     @property
     def stop_signal(self) -> int | None:
+        """The SIGINT or SIGTERM that arrived during the run, or ``None``: the loop saves and stops on one."""
         return self.stop.signum
 
     def writing(self, what: str, step: int) -> contextlib.AbstractContextManager[None]:

@@ -1,6 +1,14 @@
 """A run's ``metrics.jsonl``: one JSON object per log line, read back line by line, a line that
 cannot be read kept aside in ``metrics.jsonl.damaged`` (never deleted), rows written whole.
-:mod:`pureflax.rundir` exports these names."""
+:mod:`pureflax.rundir` exports the names its callers use.
+
+Examples:
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    >>> write_rows(path, [{"global_step": 2, "loss": 1.0}, {"global_step": 4, "loss": 0.5}])
+    >>> rows_up_to(read_log(path).rows, 3)
+    [{'global_step': 2, 'loss': 1.0}]
+"""
 
 from __future__ import annotations
 
@@ -32,7 +40,14 @@ def _refuse_constant(name: str) -> Any:
 
 
 def read_log(path: Path) -> Log:
-    """The rows of ``metrics.jsonl``; a line that cannot be read is reported, never silently lost (see :class:`Log`)."""
+    """The rows of ``metrics.jsonl``; a line that cannot be read is reported, never silently lost.
+
+    Args:
+        path: the log file; one that does not exist reads as an empty log.
+
+    Returns:
+        The rows, the damaged lines and a last line cut short (see :class:`Log`).
+    """
     if not path.exists():
         return Log([], [], None)
     lines = path.read_bytes().split(b"\n")
@@ -51,29 +66,56 @@ def read_log(path: Path) -> Log:
 
 
 def rows_up_to(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
-    """The rows a resume at ``step`` keeps: those logged by then (the final row is written again)."""
+    """The rows a resume at ``step`` keeps: those logged by then (the final row is written again).
+
+    Args:
+        rows: the log's rows, in order.
+        step: the global step the run resumes from.
+
+    Returns:
+        The rows with a ``global_step`` of at most ``step``.
+    """
     return [row for row in rows if "global_step" in row and row["global_step"] <= step]
 
 
 def dumps(row: dict[str, Any]) -> str:
-    """One log line: strict JSON (a NaN or an infinity raises ``ValueError``, never becomes ``NaN``)."""
+    """One log line: strict JSON.
+
+    Args:
+        row: the row to write.
+
+    Returns:
+        The row as one line of JSON, without its newline.
+
+    Raises:
+        ValueError: the row holds a NaN or an infinity (it never becomes ``NaN`` in the log).
+    """
     return json.dumps(row, allow_nan=False)
 
 
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace the log at ``path`` by ``rows`` in one rename, so a stop leaves the old log or the new one.
+
+    Args:
+        path: the log file.
+        rows: the rows it holds afterwards, one line each.
+    """
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(dumps(row) + "\n" for row in rows))
     os.replace(tmp, path)
 
 
-def _keep_damaged(path: Path, damaged: list[tuple[int, bytes]]) -> Path:
-    """Append the unreadable lines to ``<log>.damaged``, each after its line number (``line 2: ...``)."""
+def keep_damaged(path: Path, damaged: list[tuple[int, bytes]]) -> Path:
+    """Append the unreadable lines to ``<log>.damaged``, each after its line number (``line 2: ...``).
+
+    Args:
+        path: the log file the lines were read from.
+        damaged: ``(line number, the line's bytes)`` of each line, as :func:`read_log` reports them.
+
+    Returns:
+        The ``.damaged`` file they were appended to.
+    """
     kept = path.with_name(path.name + ".damaged")
     with open(kept, "ab") as f:
         f.write(b"".join(b"line %d: %s\n" % (number, line) for number, line in damaged))
     return kept
-
-
-def _lines(numbers: list[int]) -> str:
-    shown = ", ".join(map(str, numbers[:5])) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
-    return f"line{'s' if len(numbers) > 1 else ''} {shown}"

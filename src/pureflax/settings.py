@@ -1,6 +1,12 @@
 """A run's settings as each checkpoint records them, and what a resume may change: a change that
 would make the saved state or position mean something else is refused, naming the flag and both
-values; any other is noted. :mod:`pureflax.rundir` exports these names."""
+values; any other is noted. :mod:`pureflax.rundir` exports :func:`settings_of` and
+:func:`compare_settings`.
+
+Examples:
+    >>> compare_settings({"seed": 0, "kl_weight": 1.0}, {"seed": 0, "kl_weight": 0.5})
+    ([], ['--kl-weight is 0.5 from here on (the run had 1.0)'])
+"""
 
 from __future__ import annotations
 
@@ -30,7 +36,15 @@ NEGATED = {"fuse", "pictures"}
 
 
 def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{'optim': {'lr': 1e-4}}`` -> ``{'optim.lr': 1e-4}``; tuples become lists, as JSON stores them."""
+    """``{'optim': {'lr': 1e-4}}`` -> ``{'optim.lr': 1e-4}``; tuples become lists, as JSON stores them.
+
+    Args:
+        settings: nested settings, a dict for each group.
+        prefix: put before every name (the dotted path of the group ``settings`` is).
+
+    Returns:
+        One entry per setting, named by its dotted path.
+    """
     flat: dict[str, Any] = {}
     for key, value in settings.items():
         if isinstance(value, dict):
@@ -41,13 +55,30 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def settings_of(config: Any, backend: str, data: str) -> dict[str, Any]:
-    """A run's full settings as recorded in each checkpoint: the config, the model kind, the backend, the data's sha256."""
+    """A run's full settings as recorded in each checkpoint.
+
+    Args:
+        config: the run's ``TrainConfig``.
+        backend: the form it trains in (``functional``, ``flax``, ...).
+        data: the sha256 of its data.
+
+    Returns:
+        The config flattened (see :func:`flatten`), with ``model_kind`` (the kind of
+        ``config.model``), ``backend``, ``data`` and the number of processes.
+    """
     return flatten({**dataclasses.asdict(config), "model_kind": models.kind_of(config.model), "backend": backend, "data": data,
                     "processes": distributed.process_count()})
 
 
 def flag_of(name: str) -> str:
-    """The command-line flag that sets the setting ``name`` (a dotted path such as ``optim.lr``)."""
+    """The command-line flag that sets a setting.
+
+    Args:
+        name: the setting's dotted path, such as ``optim.lr``.
+
+    Returns:
+        The flag, such as ``--lr``.
+    """
     return FLAGS.get(name, "--" + name.rsplit(".", 1)[-1].replace("_", "-"))
 
 
@@ -67,6 +98,13 @@ def compare_settings(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[s
     A change in a :data:`FIXED` setting is refused; any other (the learning rate, the kl
     weight, the schedule, the length of the run, the backend, logging) is noted and applies
     from the resumed step on.
+
+    Args:
+        saved: the settings the checkpoint recorded (see :func:`settings_of`).
+        now: the settings of the resuming run.
+
+    Returns:
+        The refusals (each names the flag, both values and why), then the notes.
     """
     refused, notes = [], []
     other_model = saved.get("model_kind") != now.get("model_kind")

@@ -9,8 +9,9 @@ import signal
 class StopFlag:
     """Records SIGINT/SIGTERM so the loop can save and stop between chunks (restores the old handlers).
 
-    ``signum``: a signal that arrived before (a script records them from its first line, so a
-    Ctrl-C during start-up is never raised inside an import or a callback).
+    Args:
+        signum: a signal that arrived before (a script records them from its first line, so a
+            Ctrl-C during start-up is never raised inside an import or a callback).
     """
 
     def __init__(self, signum: int | None = None):
