@@ -28,7 +28,7 @@ from pureflax import convvae, models, nn, vae
 from pureflax.backend import Backend, functional_backend
 from pureflax.compat import convert, equinox_models, flax_models, nnx_models
 from pureflax.state import TrainState
-from pureflax.step import BATCH_STATS, MODEL_STATE, default_apply_gradients
+from pureflax.step import BATCH_STATS, NO_MODEL_STATE, default_apply_gradients, stateless
 
 
 def module_sizes(config: vae.VAEConfig) -> dict:
@@ -70,7 +70,7 @@ def equinox_backend(config: models.ModelConfig) -> Backend:
         init_params=init_params,
         param_names=convert.param_names,
         create_state=TrainState.create,
-        apply=equinox_models.batched_apply,
+        apply=stateless(equinox_models.batched_apply),
         apply_gradients=default_apply_gradients,
         to_functional=convert.to_functional,
         from_functional=convert.from_functional,
@@ -98,7 +98,6 @@ def _equinox_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
         apply=apply, apply_gradients=default_apply_gradients,
         to_functional=convert.to_functional, from_functional=convert.from_functional,
         init_model_state=lambda: convert.state_from_functional(functional.init_state(), state_skeleton, skeleton),
-        slot=MODEL_STATE,
     )
 
 
@@ -140,10 +139,11 @@ def flax_backend(config: models.ModelConfig) -> Backend:
         init_params=init_params,
         param_names=convert.param_names,
         create_state=create_state,
-        apply=model.apply,
+        apply=stateless(model.apply),
         apply_gradients=flax_apply_gradients,
         to_functional=convert.to_functional,
         from_functional=convert.from_functional,
+        slot=NO_MODEL_STATE,
     )
 
 
@@ -202,6 +202,7 @@ def nnx_backend(config: models.ModelConfig) -> Backend:
             return nnx.as_pure(nnx.state(nnx_model(config, nnx.Rngs(params=key)), nnx.Param))
         return convert.from_functional(init(key), like=like)
 
+    @stateless
     def apply(params: Any, x, c, key):
         return nnx.merge(graphdef, params)(x, c, key)
 
@@ -239,7 +240,6 @@ def _nnx_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
         apply=apply, apply_gradients=default_apply_gradients,
         to_functional=convert.to_functional, from_functional=convert.from_functional,
         init_model_state=lambda: convert.state_from_functional(functional.init_state(), like_stats, None),
-        slot=MODEL_STATE,
     )
 
 

@@ -77,10 +77,8 @@ def _pairwise(values: dict[str, Any], measure) -> dict[tuple[str, str], float]:
 
 
 def _eval_apply(backend, params: Any, x, c, key):
-    """The forward pass in inference mode; a stateful model's BatchNorm on the running statistics
-    one training call on the same batch leaves (not the initial ones, under which it is affine)."""
-    if not backend.stateful:
-        return backend.apply(params, x, c, key)
+    """The forward pass in inference mode; BatchNorm on the running statistics one training
+    call on the same batch leaves (not the initial ones, under which it is affine)."""
     _, model_state = backend.apply(params, backend.init_model_state(), x, c, key, train=True)
     return backend.apply(params, model_state, x, c, key, train=False)[0]
 
@@ -100,9 +98,9 @@ def grad_max_rel_diff(config: models.ModelConfig, key: jax.Array, batch: step_li
     grads = {}
     for name in NAMES:
         backend = get_backend(name, config)
-        loss_fn = step_lib.make_loss_fn(backend.apply, num_classes=config.num_classes, stateful=backend.stateful)
-        extra = (backend.init_model_state(),) if backend.stateful else ()
-        g = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.PRNGKey(3), *extra)[0]))(params[name])
+        loss_fn = step_lib.make_loss_fn(backend.apply, num_classes=config.num_classes)
+        model_state = backend.init_model_state()
+        g = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.PRNGKey(3), model_state)[0]))(params[name])
         grads[name] = backend.to_functional(g)
     return _pairwise(grads, _max_rel)
 

@@ -147,7 +147,7 @@ def _load(found: Checkpoint, form: str, state: bool) -> Any:
         return train.restore_state(found.directory, like, backend, found.step)
     params, model_state = _saved_variables(found.directory, found.step)
     skeleton = eqx.filter_eval_shape(backend.init_params, jax.random.PRNGKey(0), False)
-    if not backend.stateful:
+    if not jax.tree_util.tree_leaves(model_state):  # a model without state loads alone, as its library builds it
         return convert.from_functional(params, like=skeleton)
     if form == "functional":
         return params, model_state

@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config, key = models.KINDS[args.model](), jax.random.PRNGKey(0xFFFF)
-    params = "params and statistics" if models.of(config).stateful else "params"
+    params = "params and statistics" if jax.tree_util.tree_leaves(models.of(config).init_state()) else "params"
     train_py = "`train.py --max-steps 300`" if args.model == "mlp" else f"`train.py --model {args.model} --max-steps 300`"
     synthetic = [parity.random_batch(jax.random.PRNGKey(100 + i), 16) for i in range(200)]
     rows = [

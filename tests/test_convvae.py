@@ -72,7 +72,7 @@ def test_every_form_gives_the_functional_forward_pass_and_running_statistics(for
 
 
 def _functional_grads(backend, batch) -> dict:
-    loss_fn = step_lib.make_loss_fn(backend.apply, stateful=True)
+    loss_fn = step_lib.make_loss_fn(backend.apply)
     params = backend.init_params(jax.random.key(0), False)
     grads, _ = jax.jit(jax.grad(loss_fn, has_aux=True))(params, batch, jax.random.key(3), backend.init_model_state())
     return convert.to_functional(grads)

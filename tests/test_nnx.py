@@ -177,7 +177,7 @@ def test_the_nnx_backend_trains_on_the_functional_init_and_its_native_init_is_nn
     own = nnx_models.VAE(**SIZES, rngs=nnx.Rngs(params=jax.random.PRNGKey(0)))
     assert leaves_equal(to_functional(native), to_functional(own))
     assert not leaves_equal(to_functional(native), to_functional(params))  # another stream: other numbers
-    recon, mean, logvar = jax.jit(backend.apply)(params, X, C, NOISE)
+    (recon, mean, logvar), _ = jax.jit(backend.apply)(params, {}, X, C, NOISE)
     assert recon.shape == (5, 20) and mean.shape == (5, 3)
 
 

@@ -155,8 +155,8 @@ def test_a_300_step_run_of_any_backend_loads_into_every_form_with_the_same_forwa
     noise = jax.random.PRNGKey(7)
     for writer, out in cli_runs.items():
         # each form as its users call it: the NNX module itself, the others through their apply
-        outputs = {form: load(out, form)(x, c, noise) if form == "nnx" else get_backend(form, CONFIG).apply(load(out, form), x, c, noise)
-                   for form in parity.NAMES}
+        outputs = {form: load(out, form)(x, c, noise) if form == "nnx"
+                   else get_backend(form, CONFIG).apply(load(out, form), {}, x, c, noise)[0] for form in parity.NAMES}
         want = outputs["functional"]
         for form in ("flax", "nnx"):
             for a, b in zip(outputs[form], want, strict=True):

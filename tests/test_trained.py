@@ -37,7 +37,7 @@ def forward(form, params):
     x, c = step_lib.to_inputs(BATCH, CONFIG.num_classes)
     if form == "nnx":  # the module itself, as NNX users call it
         return params(x, c, NOISE)
-    return get_backend(form, CONFIG).apply(params, x, c, NOISE)
+    return get_backend(form, CONFIG).apply(params, {}, x, c, NOISE)[0]
 
 
 def assert_same_forward(form, params, want):

@@ -16,13 +16,12 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import optax
 
-from pureflax import models, optim, vae
+from pureflax import models, optim
 from pureflax.state import TrainState
 from pureflax.step import MODEL_STATE, ApplyFn, StateSlot, default_apply_gradients
 
@@ -34,20 +33,16 @@ class Backend(NamedTuple):
     init_params: Callable[[jax.Array, bool], Any]  # (key, native) -> params in this form
     param_names: Callable[[Any], Any]  # params -> same tree of functional paths ('encoder/Dense_0/kernel')
     create_state: Callable[..., Any]  # (params, tx, model_state) -> state
-    apply: ApplyFn  # (state.params, x, c, key) -> (recon, mean, logvar), batched; stateful: see step.StatefulApplyFn
+    apply: ApplyFn  # (state.params, model_state, x, c, key, *, train) -> ((recon, mean, logvar), model_state), batched
     apply_gradients: Callable[[optax.GradientTransformation], Callable[[Any, Any], Any]]  # tx -> (state, grads) -> state
     to_functional: Callable[[Any], Any]  # state or params -> functional TrainState or params dict
     from_functional: Callable[[Any, Any], Any]  # (functional tree, like) -> like's form
     init_model_state: Callable[[], Any] = dict  # () -> the model's initial state in this form ({}: none)
-    slot: StateSlot | None = None  # where the state keeps the model state; None for a stateless model
-
-    @property
-    def stateful(self) -> bool:
-        return self.slot is not None
+    slot: StateSlot = MODEL_STATE  # where the state keeps the model state
 
     def model_state(self, state: Any) -> Any:
-        """The model state ``state`` holds (``None`` for a stateless model)."""
-        return None if self.slot is None else self.slot.get(state)
+        """The model state ``state`` holds (``{}`` for a model without any)."""
+        return self.slot.get(state)
 
 
 def functional_backend(config: models.ModelConfig) -> Backend:
@@ -71,10 +66,9 @@ def functional_backend(config: models.ModelConfig) -> Backend:
         init_params=init_params,
         param_names=names,
         create_state=TrainState.create,
-        apply=model.apply if model.stateful else partial(vae.apply, config=config),
+        apply=model.apply,
         apply_gradients=default_apply_gradients,
         to_functional=lambda obj: obj,
         from_functional=from_functional,
         init_model_state=model.init_state,
-        slot=MODEL_STATE if model.stateful else None,
     )

@@ -9,8 +9,8 @@ Examples:
     >>> from pureflax import convvae
     >>> model = of(convvae.ConvVAEConfig(latent_dim=4))
     >>> params, state = model.init(jax.random.key(0)), model.init_state()
-    >>> model.kind, model.stateful, sorted(state['encoder']['norm_0'])
-    ('conv', True, ['mean', 'var'])
+    >>> model.kind, sorted(state['encoder']['norm_0'])
+    ('conv', ['mean', 'var'])
     >>> model.sample(params, state, jnp.arange(3), jax.random.key(1)).shape
     (3, 784)
 """
@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from pureflax import convvae, vae
+from pureflax.step import stateless
 
 ModelConfig = vae.VAEConfig | convvae.ConvVAEConfig
 KINDS: dict[str, type] = {"mlp": vae.VAEConfig, "conv": convvae.ConvVAEConfig}  # --model NAME -> its config
@@ -33,7 +34,6 @@ class Model(NamedTuple):
 
     kind: str  # 'mlp' or 'conv'
     config: Any
-    stateful: bool  # it keeps state besides its params (BatchNorm statistics)
     init: Callable[[Any], Any]  # key -> params
     init_state: Callable[[], Any]  # () -> model state ({} when stateless)
     apply: Callable[..., Any]  # (params, model_state, x, c, key, *, train) -> ((recon, mean, logvar), model_state)
@@ -49,11 +49,6 @@ def kind_of(config: ModelConfig) -> str:
     raise TypeError(f"not a model config: {type(config).__name__} (expected one of {', '.join(c.__name__ for c in KINDS.values())})")
 
 
-def _mlp_apply(params, model_state, x, c, key, *, train: bool = True, config: vae.VAEConfig):
-    del train  # nothing behaves differently in training
-    return vae.apply(params, x, c, key, config), model_state
-
-
 def _mlp_reconstruct(params, model_state, x, c, *, config: vae.VAEConfig):
     del model_state
     mean, _ = vae.encode(params, x, config)
@@ -64,10 +59,10 @@ def _mlp_reconstruct(params, model_state, x, c, *, config: vae.VAEConfig):
 def of(config: ModelConfig) -> Model:
     """The :class:`Model` of ``config`` (cached: one per config, so jitted users compile once)."""
     if kind_of(config) == "mlp":
-        return Model("mlp", config, False, partial(vae.init, config=config), dict,
-                     partial(_mlp_apply, config=config),
+        return Model("mlp", config, partial(vae.init, config=config), dict,
+                     stateless(partial(vae.apply, config=config)),
                      lambda params, model_state, labels, key: vae.sample(params, labels, key, config),
                      partial(_mlp_reconstruct, config=config))
-    return Model("conv", config, True, partial(convvae.init, config=config), partial(convvae.init_state, config),
+    return Model("conv", config, partial(convvae.init, config=config), partial(convvae.init_state, config),
                  partial(convvae.apply, config=config),
                  partial(convvae.sample, config=config), partial(convvae.reconstruct, config=config))

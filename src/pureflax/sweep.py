@@ -135,8 +135,7 @@ def make_member_step(config: train.TrainConfig, backend: Backend, total_steps: i
 
     def member_step(state: Any, batch: step_lib.Batch, key: jax.Array, hyper: Hyper):
         tx = optim.make_optimizer(config.optim, total_steps, params, names, lr=hyper.lr)
-        loss_fn = step_lib.make_loss_fn(backend.apply, kl_weight=hyper.kl_weight, num_classes=config.model.num_classes,
-                                        stateful=backend.stateful)
+        loss_fn = step_lib.make_loss_fn(backend.apply, kl_weight=hyper.kl_weight, num_classes=config.model.num_classes)
         step = step_lib.make_train_step(loss_fn, tx, apply_gradients=backend.apply_gradients(tx), slot=backend.slot)
         return step(state, batch, key)
 
@@ -157,9 +156,8 @@ def make_evaluation(backend: Backend, config: train.TrainConfig, test: step_lib.
     """``evaluate(members, keys) -> (M, 3)`` test means, each member with its own KL weight and eval key (one program)."""
 
     def one(state: Any, key: jax.Array, hyper: Hyper) -> jax.Array:
-        loss_fn = step_lib.make_loss_fn(backend.apply, kl_weight=hyper.kl_weight, num_classes=config.model.num_classes,
-                                        stateful=backend.stateful)
-        eval_step = step_lib.make_eval_step(loss_fn, stateful=backend.stateful)
+        loss_fn = step_lib.make_loss_fn(backend.apply, kl_weight=hyper.kl_weight, num_classes=config.model.num_classes)
+        eval_step = step_lib.make_eval_step(loss_fn)
         return report.split_means(eval_step, state.params, backend.model_state(state), test, key, config.eval_batch_size)
 
     return jax.jit(lambda members, keys: jax.vmap(one)(members.states, keys, members.hyper))

@@ -209,8 +209,7 @@ def build(config: TrainConfig, backend: Backend, total_steps: int, key: jax.Arra
     tx = optim.make_optimizer(config.optim, total_steps, params, backend.param_names(params))
     # one program for the optimiser's zeros and the model state, not an eager op for each of their arrays
     state = jax.jit(lambda params: backend.create_state(params, tx, backend.init_model_state()))(params)
-    loss_fn = step_lib.make_loss_fn(backend.apply, kl_weight=config.kl_weight, num_classes=config.model.num_classes,
-                                    stateful=backend.stateful)
+    loss_fn = step_lib.make_loss_fn(backend.apply, kl_weight=config.kl_weight, num_classes=config.model.num_classes)
     train_step = step_lib.make_train_step(loss_fn, tx, apply_gradients=backend.apply_gradients(tx), slot=backend.slot)
     return state, tx, loss_fn, train_step
 
@@ -315,7 +314,7 @@ def fit(
     num_train = int(train.labels.shape[0])
     plan, backend = config.plan(num_train), backend or functional_backend(config.model)
     state, _, loss_fn, train_step = build(config, backend, plan.total, keys.model)
-    eval_step = step_lib.make_eval_step(loss_fn, stateful=backend.stateful)
+    eval_step = step_lib.make_eval_step(loss_fn)
     start_evaluation = lambda state: report.start_evaluation(eval_step, state.params, test, keys.eval,  # noqa: E731
                                                              config.eval_batch_size, backend.model_state(state))
 
