@@ -26,6 +26,7 @@ from flax.training.train_state import TrainState as FlaxTrainState
 
 from pureflax import convvae, models, nn, vae
 from pureflax.backend import Backend, functional_backend
+from pureflax.config import FORMS
 from pureflax.compat import convert, equinox_models, flax_models, nnx_models
 from pureflax.state import TrainState
 from pureflax.step import BATCH_STATS, NO_MODEL_STATE, default_apply_gradients, stateless
@@ -243,12 +244,9 @@ def _nnx_conv_backend(config: convvae.ConvVAEConfig) -> Backend:
     )
 
 
-BACKENDS: dict[str, Callable[[models.ModelConfig], Backend]] = {
-    "functional": functional_backend,
-    "equinox": equinox_backend,
-    "flax": flax_backend,
-    "nnx": nnx_backend,
-}
+# keyed by the names pureflax.config lists (which the script offers without importing JAX)
+BACKENDS: dict[str, Callable[[models.ModelConfig], Backend]] = dict(
+    zip(FORMS, (functional_backend, equinox_backend, flax_backend, nnx_backend), strict=True))
 
 
 def get_backend(name: str, config: models.ModelConfig) -> Backend:

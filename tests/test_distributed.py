@@ -194,7 +194,7 @@ def test_a_multi_process_run_resumes_in_one_process_noting_the_change(runs, tmp_
     stdout = capsys.readouterr().out
     assert code == 0
     assert f"resuming from step {STEPS} of {STEPS + 20}" in stdout
-    assert "resume: --devices is 1 from here on (the run had 2)" in stdout and "--num-processes is 1 from here on (the run had 2)" in stdout
+    assert "resume: --devices 1 from here on (the run had --devices 2)" in stdout and "--num-processes 1 from here on (the run had --num-processes 2)" in stdout
     assert losses(out)[1][-1]["steps"] == STEPS + 20
 
 

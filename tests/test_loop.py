@@ -124,14 +124,14 @@ def test_fused_by_default_except_the_conv_vae_on_cpu():
 
 
 def test_too_many_devices_is_refused_with_the_fix():
-    with pytest.raises(ValueError, match=r"--devices 64: this machine has \d+ .*xla_force_host_platform_device_count"):
+    with pytest.raises(ValueError, match=r"`devices` 64: this machine has \d+ .*xla_force_host_platform_device_count"):
         loop.make_placement(64)
 
 
 def test_a_batch_that_does_not_split_is_refused(monkeypatch):
     # As if there were 4 devices (this process has 1): the split is checked before any is used.
     monkeypatch.setattr(jax, "devices", lambda *args, **kwargs: [jax.local_devices()[0]] * 4)
-    with pytest.raises(ValueError, match="--batch-size 10 does not split evenly over --devices 4"):
+    with pytest.raises(ValueError, match="`batch_size` 10 does not split evenly over `devices` 4"):
         loop.make_placement(4, batch_size=10)
 
 

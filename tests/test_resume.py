@@ -277,13 +277,13 @@ def test_a_damaged_latest_checkpoint_is_set_aside(data, crashed, reference, caps
 # issue row 1: a resume configured differently never sets a good checkpoint aside
 @pytest.mark.parametrize(
     "flags, named",
-    [(["--optimizer", "sgd"], "--optimizer sgd differs from the run's adamw"),
-     (["--optimizer", "adam"], "--optimizer adam differs from the run's adamw"),
-     (["--grad-accum", "2"], "--grad-accum 2 differs from the run's 1"),
-     (["--clip-norm", "1"], "--clip-norm 1.0 differs from the run's unset"),
-     (["--batch-size", "16"], "--batch-size 16 differs from the run's 8"),  # row 4: the position would be reinterpreted
-     (["--seed", "7"], "--seed 7 differs from the run's 65535"),
-     (["--latent-dim", "16"], "--latent-dim 16 differs from the run's 8")],
+    [(["--optimizer", "sgd"], "--optimizer sgd differs from the run's --optimizer adamw"),
+     (["--optimizer", "adam"], "--optimizer adam differs from the run's --optimizer adamw"),
+     (["--grad-accum", "2"], "--grad-accum 2 differs from the run's --grad-accum 1"),
+     (["--clip-norm", "1"], "--clip-norm 1.0 differs from the run's --clip-norm unset"),
+     (["--batch-size", "16"], "--batch-size 16 differs from the run's --batch-size 8"),  # row 4: the position would be reinterpreted
+     (["--seed", "7"], "--seed 7 differs from the run's --seed 65535"),
+     (["--latent-dim", "16"], "--latent-dim 16 differs from the run's --latent-dim 8")],
 )
 def test_resume_with_a_setting_that_changes_the_saved_state_is_refused_and_sets_nothing_aside(
         data, crashed, reference, capsys, flags, named):
@@ -304,10 +304,10 @@ def test_resume_with_another_lr_kl_weight_or_schedule_continues_and_says_so(data
     code, stdout, err = cli(capsys, args_for(data, out, "--resume", "--lr", "3e-4", "--kl-weight", "0.25",
                                              "--schedule", "linear", "--epochs", "4"))
     assert code == 0, err
-    for line in ("resume: --lr is 0.0003 from here on (the run had 0.0001)",
-                 "resume: --kl-weight is 0.25 from here on (the run had 0.5)",
-                 "resume: --schedule is linear from here on (the run had constant)",
-                 "resume: --epochs is 4 from here on (the run had 3)"):
+    for line in ("resume: --lr 0.0003 from here on (the run had --lr 0.0001)",
+                 "resume: --kl-weight 0.25 from here on (the run had --kl-weight 0.5)",
+                 "resume: --schedule linear from here on (the run had --schedule constant)",
+                 "resume: --epochs 4 from here on (the run had --epochs 3)"):
         assert line in stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     event = next(r for r in rows if r.get("event") == "resume")

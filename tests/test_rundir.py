@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from pureflax import rundir, train
+from pureflax import optim, rundir, train, vae
+from pureflax.flags import as_flags
 from pureflax.rundir import Chunk, Plan, Position
 
 PLAN = Plan(steps_per_epoch=10, total=25, log_every=4, ckpt_every=6)
@@ -79,25 +80,27 @@ def test_settings_are_flat_json_with_the_backend_and_data():
 
 @pytest.mark.parametrize(
     "changes, refused",
-    [({"batch_size": 32}, "--batch-size 32 differs from the run's 16"),
-     ({"seed": 1}, "--seed 1 differs from the run's 65535"),
-     ({"optim": train.optim.OptimConfig(grad_accum=2)}, "--grad-accum 2 differs from the run's 1"),
-     ({"optim": train.optim.OptimConfig(freeze=("encoder",))}, "--freeze encoder differs from the run's none"),
-     ({"model": train.vae.VAEConfig(latent_dim=4)}, "--latent-dim 4 differs from the run's 32")],
+    [({"batch_size": 32}, "--batch-size 32 differs from the run's --batch-size 16"),
+     ({"seed": 1}, "--seed 1 differs from the run's --seed 65535"),
+     ({"optim": optim.OptimConfig(grad_accum=2)}, "--grad-accum 2 differs from the run's --grad-accum 1"),
+     ({"optim": optim.OptimConfig(freeze=("encoder",))}, "--freeze encoder differs from the run's --freeze none"),
+     ({"model": vae.VAEConfig(latent_dim=4)}, "--latent-dim 4 differs from the run's --latent-dim 32")],
 )
 def test_compare_settings_refuses_what_changes_the_saved_state(changes, refused):
     bad, notes = rundir.compare_settings(settings(), settings(**changes))
-    assert len(bad) == 1 and refused in bad[0] and notes == []
+    assert len(bad) == 1 and refused in as_flags(bad[0]) and notes == []
+    assert "`resume`" in bad[0]  # the library names settings; the script shows them as flags
 
 
 def test_compare_settings_notes_what_only_changes_what_comes_next():
-    bad, notes = rundir.compare_settings(settings(), settings(epochs=20, kl_weight=0.1, optim=train.optim.OptimConfig(lr=1e-3)))
+    bad, notes = rundir.compare_settings(settings(), settings(epochs=20, kl_weight=0.1, optim=optim.OptimConfig(lr=1e-3)))
     assert bad == []
-    assert notes == ["--epochs is 20 from here on (the run had 10)", "--kl-weight is 0.1 from here on (the run had 0.5)",
-                     "--lr is 0.001 from here on (the run had 0.0001)"]
+    assert notes == ["`epochs=20` from here on (the run had `epochs=10`)", "`kl_weight=0.1` from here on (the run had `kl_weight=0.5`)",
+                     "`optim.lr=0.001` from here on (the run had `optim.lr=0.0001`)"]
+    assert as_flags(notes[2]) == "--lr 0.001 from here on (the run had --lr 0.0001)"
     other_data = dict(settings(), data="cd" * 32)
     bad, _ = rundir.compare_settings(settings(), other_data)
-    assert bad and bad[0].startswith("--resume: --data cdcdcdcdcdcdcdcd differs from the run's abababababababab")
+    assert bad and as_flags(bad[0]).startswith("--resume: --data cdcdcdcdcdcdcdcd differs from the run's --data abababababababab")
 
 
 def test_read_log_tells_a_last_line_cut_short_from_damage_in_the_middle(tmp_path):
@@ -112,6 +115,7 @@ def test_read_log_tells_a_last_line_cut_short_from_damage_in_the_middle(tmp_path
     assert rundir.read_log(path).rows == [{"global_step": 4, "loss": 1}]
 
 
-def test_a_changed_no_flag_is_noted_as_the_flag_not_the_inverted_setting():
+def test_a_changed_switch_is_noted_as_the_flag_that_gives_it_not_the_inverted_setting():
     _, notes = rundir.compare_settings({"pictures": True, "fuse": False}, {"pictures": False, "fuse": True})
-    assert notes == ["--no-fuse is off from here on (the run had on)", "--no-pictures is on from here on (the run had off)"]
+    assert [as_flags(note) for note in notes] == ["--fuse from here on (the run had --no-fuse)",
+                                                  "--no-pictures from here on (the run had no --no-pictures)"]

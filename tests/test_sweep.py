@@ -92,11 +92,11 @@ def test_grid_names_members_by_what_varies_and_refuses_what_cannot_vary():
     assert [m.name for m in sweep.grid(base, {"seed": [3], "kl_weight": [0.5, 1.0]})] == ["kl_weight-0.5", "kl_weight-1"]
     member = sweep.grid(base, {"lr": [3e-4]})[0]
     assert member.name == "lr-0.0003" and member.config.optim.lr == 3e-4 and member.config.seed == base.seed
-    with pytest.raises(sweep.SweepError, match="--sweep batch_size: only seed, lr, kl_weight can vary"):
+    with pytest.raises(sweep.SweepError, match="`sweep` batch_size: only seed, lr, kl_weight can vary"):
         sweep.grid(base, {"batch_size": [8, 16]})
     with pytest.raises(sweep.SweepError, match="lr: 0.001 is given twice"):
         sweep.grid(base, {"lr": [1e-3, 1e-3]})
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match="`lr` must be > 0"):
         sweep.grid(base, {"lr": [1e-3, 0.0]})
 
 

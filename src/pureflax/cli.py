@@ -1,6 +1,6 @@
 """What pureflax's scripts share on the command line: a usage error is one line and exit status 2.
 
-Light on purpose (argparse and sys only), so a script's ``--help`` and its flag errors answer
+Light on purpose (no JAX), so a script's ``--help`` and its flag errors answer
 before JAX is imported.
 
 Examples:
@@ -15,14 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pureflax.flags import as_flags
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr, ``<prog>: error: <message>``, and exit status 2;
     and a flag given twice (``--lr 1e-4 --lr 2e-4``) is refused, not decided by the last one."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        """Print ``prog: error: message`` on stderr, one line, and exit with status 2."""
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        """Print ``prog: error: message`` on stderr, one line, settings named as flags, and exit with status 2."""
+        sys.stderr.write(f"{self.prog}: error: {as_flags(message)}\n")
         raise SystemExit(2)
 
     def add_argument(self, *args, **kwargs) -> argparse.Action:

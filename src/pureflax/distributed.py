@@ -116,14 +116,15 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     if coordinator is not None:  # None: JAX reads all three from the cluster's environment (detected_cluster)
         host, _, port = coordinator.rpartition(":")
         if process_id != 0 and not _answers(host, int(port), wait):
-            raise JoinError(f"--coordinator {coordinator} does not answer after {wait:.0f} s: start process 0 there first, "
+            raise JoinError(f"`coordinator` {coordinator} does not answer after {wait:.0f} s: start process 0 there first, "
                             "or check the address and port")
     jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=int(wait) + 30,
                                heartbeat_timeout_seconds=int(3 * silence))
-    watch(silence, on_loss or _lost)
+    watch(silence, on_loss or stop_lost)
 
 
-def _lost(message: str) -> None:
+def stop_lost(message: str) -> None:
+    """Print ``message`` on stderr and end this process at once, status 1 (another process is gone)."""
     sys.stderr.write(f"{message}\n")
     sys.stderr.flush()
     os._exit(1)  # the run's collectives would wait for the lost process forever; nothing here can be saved
@@ -154,13 +155,13 @@ def watch(silence: float, on_loss: Callable[[str], None], beat: float = 1.0) -> 
                     if other not in seen or seen[other][0] != value:
                         seen[other] = (value, now)
                     elif now - seen[other][1] > silence:
-                        on_loss(f"train.py: process {other} of {count} stopped answering {silence:.0f} s ago (killed, or its host is "
-                                f"gone); process {me} stops too: start every process again with --resume")
+                        on_loss(f"process {other} of {count} stopped answering {silence:.0f} s ago (killed, or its host is "
+                                f"gone); process {me} stops too: start every process again with `resume`")
                         return
             except Exception:  # the store itself is gone: process 0 holds it
                 if me != 0:
-                    on_loss(f"train.py: process 0 of {count}, the coordinator, stopped answering (killed, or its host is gone); "
-                            f"process {me} stops too: start every process again with --resume")
+                    on_loss(f"process 0 of {count}, the coordinator, stopped answering (killed, or its host is gone); "
+                            f"process {me} stops too: start every process again with `resume`")
                     return
             time.sleep(beat)
 

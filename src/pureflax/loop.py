@@ -91,11 +91,11 @@ def make_placement(devices: int = 1, batch_size: int | None = None) -> Placement
     available = jax.devices()
     if devices < 1 or devices > len(available):
         raise ValueError(
-            f"--devices {devices}: this machine has {len(available)} {available[0].platform} device(s) "
+            f"`devices` {devices}: this machine has {len(available)} {available[0].platform} device(s) "
             "(on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N)"
         )
     if batch_size is not None and batch_size % devices:
-        raise ValueError(f"--batch-size {batch_size} does not split evenly over --devices {devices}")
+        raise ValueError(f"`batch_size` {batch_size} does not split evenly over `devices` {devices}")
     if devices == 1:
         return Placement(None)
     return Placement(Mesh(np.array(available[:devices]), ("data",)))

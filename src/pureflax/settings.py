@@ -1,11 +1,11 @@
 """A run's settings as each checkpoint records them, and what a resume may change: a change that
-would make the saved state or position mean something else is refused, naming the flag and both
-values; any other is noted. :mod:`pureflax.rundir` exports :func:`settings_of` and
-:func:`compare_settings`.
+would make the saved state or position mean something else is refused, naming the setting and
+both values; any other is noted. Settings are named in backticks, as :func:`pureflax.flags.as_flags`
+reads them. :mod:`pureflax.rundir` exports :func:`settings_of` and :func:`compare_settings`.
 
 Examples:
     >>> compare_settings({"seed": 0, "kl_weight": 1.0}, {"seed": 0, "kl_weight": 0.5})
-    ([], ['--kl-weight is 0.5 from here on (the run had 1.0)'])
+    ([], ['`kl_weight=0.5` from here on (the run had `kl_weight=1.0`)'])
 """
 
 from __future__ import annotations
@@ -29,11 +29,6 @@ FIXED = {
     "seed": "the data order and every key derive from it",
     "data": "the saved position indexes into that data",
 }
-FLAGS = {"native_init": "--init", "fuse": "--no-fuse", "data": "--data", "model_kind": "--model", "pictures": "--no-pictures",
-         "processes": "--num-processes"}
-# Settings set by a --no-X flag: True means the flag is absent.
-NEGATED = {"fuse", "pictures"}
-
 
 def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{'optim': {'lr': 1e-4}}`` -> ``{'optim.lr': 1e-4}``; tuples become lists, as JSON stores them.
@@ -70,21 +65,7 @@ def settings_of(config: Any, backend: str, data: str) -> dict[str, Any]:
                     "processes": distributed.process_count()})
 
 
-def flag_of(name: str) -> str:
-    """The command-line flag that sets a setting.
-
-    Args:
-        name: the setting's dotted path, such as ``optim.lr``.
-
-    Returns:
-        The flag, such as ``--lr``.
-    """
-    return FLAGS.get(name, "--" + name.rsplit(".", 1)[-1].replace("_", "-"))
-
-
-def _show(value: Any, name: str = "") -> str:
-    if name in NEGATED:  # a --no-X flag: say whether the flag is given, not the setting's value
-        return "off" if value else "on"
+def _show(value: Any) -> str:
     if value is None:
         return "unset"
     if isinstance(value, list):
@@ -104,7 +85,7 @@ def compare_settings(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[s
         now: the settings of the resuming run.
 
     Returns:
-        The refusals (each names the flag, both values and why), then the notes.
+        The refusals (each names the setting, both values and why), then the notes.
     """
     refused, notes = [], []
     other_model = saved.get("model_kind") != now.get("model_kind")
@@ -113,12 +94,10 @@ def compare_settings(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[s
         if old == new or name not in saved or (other_model and name.startswith("model.")):
             continue  # another model's sizes: --model says it all
         group = next((g for g in FIXED if name == g or name.startswith(g + ".")), None)
-        flag = flag_of(name)
+        now_, then = f"`{name}={_show(new)}`", f"`{name}={_show(old)}`"
         if group:
-            refused.append(
-                f"--resume: {flag} {_show(new, name)} differs from the run's {_show(old, name)} ({FIXED[group]}); "
-                f"resume with {flag} {_show(old, name)}, or start a new run in another --out"
-            )
+            refused.append(f"`resume`: {now_} differs from the run's {then} ({FIXED[group]}); "
+                           f"resume with {then}, or start a new run in another `out`")
         else:
-            notes.append(f"{flag} is {_show(new, name)} from here on (the run had {_show(old, name)})")
+            notes.append(f"{now_} from here on (the run had {then})")
     return refused, notes

@@ -85,13 +85,13 @@ def grid(base: train.TrainConfig, axes: dict[str, Sequence[Any]]) -> list[Member
     """
     for name, values in axes.items():
         if name not in SWEEPABLE:
-            raise SweepError(f"--sweep {name}: only {', '.join(SWEEPABLE)} can vary inside one program "
+            raise SweepError(f"`sweep` {name}: only {', '.join(SWEEPABLE)} can vary inside one program "
                              "(any other setting changes the program itself); train those as separate runs")
         if not values:
-            raise SweepError(f"--sweep {name}: no values")
+            raise SweepError(f"`sweep` {name}: no values")
         repeated = [show(value) for value, times in collections.Counter(values).items() if times > 1]
         if repeated:
-            raise SweepError(f"--sweep {name}: {repeated[0]} is given twice")
+            raise SweepError(f"`sweep` {name}: {repeated[0]} is given twice")
     varying = [name for name, values in axes.items() if len(values) > 1] or list(axes)
     members = []
     for combination in itertools.product(*axes.values()):
@@ -286,7 +286,7 @@ def fit_sweep(
     start = time.perf_counter()
     out, config, count = Path(out), members[0].config.resolved(), len(members)
     if config.devices > 1 and count % config.devices:
-        raise SweepError(f"--devices {config.devices}: the sweep's {count} members do not split evenly over them")
+        raise SweepError(f"`devices` {config.devices}: the sweep's {count} members do not split evenly over them")
     placement = loop.make_placement(config.devices, count)
     plan, backend = config.plan(len(mnist.train.labels)), backend or functional_backend(config.model)
     first = train.make_keys(config.seed)
@@ -334,7 +334,7 @@ def fit_sweep(
                                       warn=warn_once, stop=stop, echo=False)
             runs.append(MemberRun(k, spec, stack_.enter_context(folder)))
         if resume and not any(run.folder is not None and run.folder.resume for run in runs) and not any(run.final for run in runs):
-            raise rundir.ResumeError(f"--resume: no member of the sweep in {out} has a checkpoint to restore; start again with --overwrite")
+            raise rundir.ResumeError(f"`resume`: no member of the sweep in {out} has a checkpoint to restore; start again with `overwrite`")
         states = []
         for run, k in zip(runs, keys):
             fresh = create(backend.init_params(k.model, config.native_init))

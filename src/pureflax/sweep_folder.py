@@ -22,18 +22,18 @@ def check(out: Path, names: Sequence[str], *, overwrite: bool = False, resume: b
     rundir.check(out, overwrite=True, resume=False)  # the folder's kind and permissions; a single run in it is refused below
     single = [name for name in rundir.RUN_FILES if (out / name).exists()]
     if single:
-        raise rundir.RunError(f"--out {out} holds a single run ({', '.join(single)}), not a sweep; choose another --out")
+        raise rundir.RunError(f"`out` {out} holds a single run ({', '.join(single)}), not a sweep; choose another `out`")
     if resume and overwrite:
-        raise rundir.RunError("--resume continues the sweep in --out and --overwrite replaces it: choose one")
+        raise rundir.RunError("`resume` continues the sweep in `out` and `overwrite` replaces it: choose one")
     recorded = read_sweep(out)
     if resume and recorded is None:
-        raise rundir.RunError(f"--resume: --out {out} holds no sweep ({SWEEP_FILE} is missing); start it without --resume")
+        raise rundir.RunError(f"`resume`: `out` {out} holds no sweep ({SWEEP_FILE} is missing); start it without `resume`")
     if resume and [m["name"] for m in recorded["members"]] != list(names):
         had = ", ".join(m["name"] for m in recorded["members"])
-        raise rundir.RunError(f"--resume: the sweep in {out} has the members {had}; these flags make {', '.join(names)}: "
-                              "resume with its flags, or start a new sweep in another --out")
+        raise rundir.RunError(f"`resume`: the sweep in {out} has the members {had}; these flags make {', '.join(names)}: "
+                              "resume with its settings, or start a new sweep in another `out`")
     if recorded is not None and not (resume or overwrite):
-        raise rundir.RunError(f"--out {out} already holds a sweep ({SWEEP_FILE}); pass --resume, --overwrite, or choose another --out")
+        raise rundir.RunError(f"`out` {out} already holds a sweep ({SWEEP_FILE}); pass `resume`, `overwrite`, or choose another `out`")
 
 
 def read_sweep(out: Path) -> dict[str, Any] | None:

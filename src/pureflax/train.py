@@ -21,7 +21,6 @@ checkpoint, the log or a picture cannot be written (disk full); and
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import gc
 import os
@@ -33,85 +32,10 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from pureflax import checkpoint, data as data_lib, loop, models, optim, report, rundir, step as step_lib, vae
+from pureflax import checkpoint, data as data_lib, loop, optim, report, rundir, step as step_lib
 from pureflax.backend import Backend, functional_backend
+from pureflax.config import TrainConfig
 from pureflax.data import MNIST, Split
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """A run's settings; the defaults are the tutorial's."""
-
-    epochs: int = 10
-    max_steps: int | None = None  # stop after this many steps in all (None: the epochs)
-    batch_size: int = 16
-    kl_weight: float = 0.5
-    seed: int = 0xFFFF
-    log_every: int = 100
-    eval_batch_size: int = 1000
-    native_init: bool = False  # each library's own initialiser instead of the functional (Flax) one
-    fuse: bool | None = None  # each chunk of steps (up to the next log line) as one program; None: loop.fuses_well(model)
-    devices: int = 1  # data parallel over this many local devices
-    ckpt_every: int | None = None  # also checkpoint every this many steps (None: only at the end)
-    keep: int | None = None  # keep the newest this many checkpoints (None: all)
-    keep_best: bool = False  # also keep the checkpoint with the best test loss
-    pictures: bool = True  # write samples.png, reconstructions.png and loss.png at the end
-    model: models.ModelConfig = vae.VAEConfig()  # or convvae.ConvVAEConfig (--model conv)
-    optim: optim.OptimConfig = optim.OptimConfig()
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "log_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max-steps must be >= 1, got {self.max_steps!r}")
-        if self.kl_weight < 0:
-            raise ValueError(f"kl-weight must be >= 0, got {self.kl_weight!r}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed!r}")
-        for name in ("ckpt_every", "keep"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
-        if self.keep_best and self.keep is None:
-            raise ValueError("--keep-best needs --keep N (with every checkpoint kept, the best is kept anyway)")
-        if self.devices < 1:
-            raise ValueError(f"devices must be >= 1, got {self.devices!r}")  # enough of them, and an even split: loop.make_placement
-
-    def resolved(self) -> TrainConfig:
-        """This config with every setting left to the machine decided (``fuse=None``: :func:`pureflax.loop.fuses_well`)."""
-        return self if self.fuse is not None else dataclasses.replace(self, fuse=loop.fuses_well(self.model))
-
-    @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> TrainConfig:
-        """The config a run recorded in its checkpoints (the inverse of :func:`pureflax.rundir.settings_of`).
-
-        Names this version does not know (``backend``, ``data``, settings of a later version)
-        are ignored; lists, as JSON stores tuples, become tuples again.
-        """
-
-        def of(kind: type, prefix: str) -> Any:
-            names = {field.name for field in dataclasses.fields(kind)} - {"model", "optim"}
-            values = {key[len(prefix):]: value for key, value in settings.items() if key[len(prefix):] in names and key.startswith(prefix)}
-            return kind(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
-
-        model = models.KINDS[settings["model_kind"]]
-        return dataclasses.replace(of(cls, ""), model=of(model, "model."), optim=of(optim.OptimConfig, "optim."))
-
-    def steps_per_epoch(self, num_train: int) -> int:
-        """Full batches per epoch (the last partial batch is dropped, as the tutorial's loader does)."""
-        steps = num_train // self.batch_size
-        if steps < 1:
-            raise ValueError(f"batch-size {self.batch_size} is larger than the {num_train} training images")
-        return steps
-
-    def total_steps(self, num_train: int) -> int:
-        """How many steps the run takes on ``num_train`` examples: ``epochs`` of them, at most ``max_steps``."""
-        total = self.epochs * self.steps_per_epoch(num_train)
-        return total if self.max_steps is None else min(total, self.max_steps)
-
-    def plan(self, num_train: int) -> rundir.Plan:
-        """Where the run's chunks end: epochs, log lines, checkpoints (:class:`pureflax.rundir.Plan`)."""
-        return rundir.Plan(self.steps_per_epoch(num_train), self.total_steps(num_train), self.log_every, self.ckpt_every)
 
 
 class Keys(NamedTuple):
