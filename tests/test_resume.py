@@ -318,19 +318,18 @@ def test_resume_with_another_lr_kl_weight_or_schedule_continues_and_says_so(data
     assert rows[-1]["steps"] == 80
 
 
-def test_resume_with_another_model_names_the_path_and_both_shapes_and_writes_nothing(data, tmp_path, capsys):
+def test_a_run_checkpoint_without_its_settings_is_set_aside_never_resumed_unchecked(data, tmp_path, capsys):
     out = tmp_path / "out"
     crashed_run(data, out, 12)
-    # an older checkpoint records no settings: the shapes still refuse it, and nothing is set aside
+    # every checkpoint of a run records its settings; one that does not cannot be checked, so it is not trusted
     meta = out / "checkpoints" / "10" / "meta" / "metadata"
     meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "settings"}))
-    checkpoint.seal(out / "checkpoints", 10)  # as that version wrote it: sound, verified
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
-    code, _, err = cli(capsys, args_for(data, out, "--resume", "--latent-dim", "16"))
+    checkpoint.seal(out / "checkpoints", 10)  # its arrays sound and verified
+    code, stdout, err = cli(capsys, args_for(data, out, "--resume", "--latent-dim", "16"))
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert "latent_proj/kernel was saved with shape" in err  # the path, then both shapes
-    assert ("(8, 64)" in err and "(16, 64)" in err) or ("(64, 16)" in err and "(64, 32)" in err) or ("(64, 8)" in err and "(64, 16)" in err)
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert "checkpoint step 10 is damaged (its metadata records no run settings)" in stdout
+    assert "--resume: no checkpoint in" in err and "--overwrite" in err
+    assert committed(out) == [] and list((out / "checkpoints").glob("10.damaged*"))  # renamed, never deleted
 
 
 # issue row 5: a kill after the last checkpoint, before the final row and the pictures

@@ -363,9 +363,9 @@ class RunFolder:
         for step in reversed(checkpoint.all_steps(self.ckpt_dir)):
             try:
                 meta = checkpoint.verify(self.ckpt_dir, step)
-                if not meta.get("position"):
-                    raise checkpoint.Damaged(step, "its metadata records no run position")
-                notes = self._check_settings(meta.get("settings"), step)
+                if not meta.get("position") or meta.get("settings") is None:  # a run writes both into every checkpoint
+                    raise checkpoint.Damaged(step, f"its metadata records no run {'position' if not meta.get('position') else 'settings'}")
+                notes = self._check_settings(meta["settings"])
                 functional, meta = checkpoint.restore_with_meta(self.ckpt_dir, like, step)
             except checkpoint.Damaged as err:  # a sound checkpoint of another configuration raises otherwise, and stays
                 self._set_aside(step, err.why)
@@ -384,11 +384,8 @@ class RunFolder:
         moved = checkpoint.set_aside(self.ckpt_dir, step)
         self.log(f"checkpoint step {step} is damaged ({why}); set aside as {moved.name}")
 
-    def _check_settings(self, saved: dict[str, Any] | None, step: int) -> list[str]:
-        """Refuse a change that alters what step ``step`` means; log (and return) the accepted ones."""
-        if saved is None:
-            self.log(f"checkpoint step {step} records no settings (an older pureflax); they are not checked")
-            return []
+    def _check_settings(self, saved: dict[str, Any]) -> list[str]:
+        """Refuse a change that alters what the checkpoint's state means; log (and return) the accepted ones."""
         refused, notes = compare_settings(saved, self.settings)
         if refused:
             raise ResumeError(refused[0])
