@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from flax import struct
 from flax.training import train_state
 from jax.typing import ArrayLike
@@ -204,3 +205,31 @@ class ConvVAE(nn.Module):
         mean, logvar = self.encode(x, train)
         z = jax.random.normal(key, mean.shape) * jnp.exp(logvar * 0.5) + mean
         return self.decode(z, c, train), mean, logvar
+
+
+def tutorial_train_step(model: nn.Module, optimiser: optax.GradientTransformation, *, kl_weight: float = 0.5,
+                        num_classes: int = 10):
+    """The tutorial's jitted ``train_step`` as it writes it (its ``create_train_step``, the init left to the caller).
+
+    ``train_step(params, opt_state, x, c, key) -> (params, opt_state, loss, mse_loss, kl_loss)``, with
+    ``x`` the images in [0, 1] and ``c`` the integer labels (one-hot inside, as the tutorial does).
+    """
+
+    def loss_fn(params, x, c, key):
+        reduce_dims = list(range(1, len(x.shape)))
+        c = jax.nn.one_hot(c, num_classes)
+        recon, mean, logvar = model.apply(params, x, c, key)
+        mse_loss = optax.l2_loss(recon, x).sum(axis=reduce_dims).mean()
+        kl_loss = jnp.mean(-0.5 * jnp.sum(1 + logvar - mean**2 - jnp.exp(logvar), axis=reduce_dims))
+        loss = mse_loss + kl_weight * kl_loss
+        return loss, (mse_loss, kl_loss)
+
+    @jax.jit
+    def train_step(params, opt_state, x, c, key):
+        losses, grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, c, key)
+        loss, (mse_loss, kl_loss) = losses
+        updates, opt_state = optimiser.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, loss, mse_loss, kl_loss
+
+    return train_step

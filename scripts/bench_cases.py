@@ -112,26 +112,8 @@ def tutorial_loop(images: np.ndarray, labels: np.ndarray, batch_size: int = BATC
 
     def create_train_step(key, model, optimiser):
         params = model.init(key, jnp.zeros((batch_size, 784)), jnp.zeros((batch_size, num_classes)), jax.random.PRNGKey(0))
-        opt_state = optimiser.init(params)
-
-        def loss_fn(params, x, c, key):
-            reduce_dims = list(range(1, len(x.shape)))
-            c = jax.nn.one_hot(c, num_classes)
-            recon, mean, logvar = model.apply(params, x, c, key)
-            mse_loss = optax.l2_loss(recon, x).sum(axis=reduce_dims).mean()
-            kl_loss = jnp.mean(-0.5 * jnp.sum(1 + logvar - mean**2 - jnp.exp(logvar), axis=reduce_dims))
-            loss = mse_loss + kl_weight * kl_loss
-            return loss, (mse_loss, kl_loss)
-
-        @jax.jit
-        def train_step(params, opt_state, x, c, key):
-            losses, grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, c, key)
-            loss, (mse_loss, kl_loss) = losses
-            updates, opt_state = optimiser.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return params, opt_state, loss, mse_loss, kl_loss
-
-        return train_step, params, opt_state
+        train_step = flax_models.tutorial_train_step(model, optimiser, kl_weight=kl_weight, num_classes=num_classes)
+        return train_step, params, optimiser.init(params)
 
     key, model_key = jax.random.split(key)
     model = flax_models.VAE(latent_dim=latent_dim)

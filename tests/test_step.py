@@ -21,29 +21,6 @@ def TutorialVAE():
     )
 
 
-def tutorial_train_step(model, optimiser):
-    """create_train_step from the tutorial, minus the init (params come from outside)."""
-
-    def loss_fn(params, x, c, key):
-        reduce_dims = list(range(1, len(x.shape)))
-        c = jax.nn.one_hot(c, 10)
-        recon, mean, logvar = model.apply(params, x, c, key)
-        mse_loss = optax.l2_loss(recon, x).sum(axis=reduce_dims).mean()
-        kl_loss = jnp.mean(-0.5 * jnp.sum(1 + logvar - mean**2 - jnp.exp(logvar), axis=reduce_dims))
-        loss = mse_loss + KL_WEIGHT * kl_loss
-        return loss, (mse_loss, kl_loss)
-
-    @jax.jit
-    def train_step(params, opt_state, x, c, key):
-        losses, grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, c, key)
-        loss, (mse_loss, kl_loss) = losses
-        updates, opt_state = optimiser.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, loss, mse_loss, kl_loss
-
-    return train_step
-
-
 def batches(n_steps, batch_size=8, seed=0):
     rng = np.random.default_rng(seed)
     for _ in range(n_steps):
@@ -59,7 +36,7 @@ def test_shared_step_follows_the_tutorials_train_step():
     tx = optax.adamw(1e-3)
     train_key = jax.random.PRNGKey(1)
     step = make_train_step(make_loss_fn(stateless(vae.apply), kl_weight=KL_WEIGHT), tx)
-    reference = tutorial_train_step(TutorialVAE(), tx)
+    reference = flax_models.tutorial_train_step(TutorialVAE(), tx, kl_weight=KL_WEIGHT)
 
     ref_params = {"params": jax.tree_util.tree_map(jnp.copy, params)}  # the step donates its state's buffers
     ref_opt = tx.init(ref_params)

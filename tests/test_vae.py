@@ -1,67 +1,14 @@
-"""pureflax.vae against the tutorial's Flax VAE, written out here exactly as the tutorial has it."""
+"""pureflax.vae against the tutorial's Flax VAE (pureflax.compat.flax_models, written as the tutorial has it)."""
 
-from typing import Callable, Tuple
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.typing import ArrayLike
 
 from pureflax import convvae, vae
+from pureflax.compat.flax_models import VAE
 
 batch_size, num_classes = 16, 10
-
-
-class FeedForward(nn.Module):
-    dimensions: Tuple[int] = (256, 128, 64)
-    activation_fn: Callable = nn.relu
-    drop_last_activation: bool = False
-
-    @nn.compact
-    def __call__(self, x: ArrayLike) -> ArrayLike:
-        for i, d in enumerate(self.dimensions):
-            x = nn.Dense(d)(x)
-            if i != len(self.dimensions) - 1 or not self.drop_last_activation:
-                x = self.activation_fn(x)
-        return x
-
-
-class VAE(nn.Module):
-    encoder_dimensions: Tuple[int] = (256, 128, 64)
-    decoder_dimensions: Tuple[int] = (128, 256, 784)
-    latent_dim: int = 4
-    activation_fn: Callable = nn.relu
-
-    def setup(self):
-        self.encoder = FeedForward(self.encoder_dimensions, self.activation_fn)
-        self.pre_latent_proj = nn.Dense(self.latent_dim * 2)
-        self.post_latent_proj = nn.Dense(self.encoder_dimensions[-1])
-        self.class_proj = nn.Dense(self.encoder_dimensions[-1])
-        self.decoder = FeedForward(self.decoder_dimensions, self.activation_fn, drop_last_activation=False)
-
-    def reparam(self, mean: ArrayLike, logvar: ArrayLike, key: jax.random.PRNGKey) -> ArrayLike:
-        std = jnp.exp(logvar * 0.5)
-        eps = jax.random.normal(key, mean.shape)
-        return eps * std + mean
-
-    def encode(self, x: ArrayLike):
-        x = self.encoder(x)
-        mean, logvar = jnp.split(self.pre_latent_proj(x), 2, axis=-1)
-        return mean, logvar
-
-    def decode(self, x: ArrayLike, c: ArrayLike):
-        x = self.post_latent_proj(x)
-        x = x + self.class_proj(c)
-        x = self.decoder(x)
-        return x
-
-    def __call__(self, x: ArrayLike, c: ArrayLike, key: jax.random.PRNGKey) -> Tuple[ArrayLike, ArrayLike, ArrayLike]:
-        mean, logvar = self.encode(x)
-        z = self.reparam(mean, logvar, key)
-        y = self.decode(z, c)
-        return y, mean, logvar
 
 
 @pytest.fixture(scope="module")
