@@ -1,5 +1,6 @@
 """scripts/train.py end to end on tiny data, and its answers to bad input."""
 
+import dataclasses
 import gc
 import json
 import os
@@ -241,3 +242,31 @@ def test_the_next_chunk_is_dispatched_before_a_chunks_metrics_are_read(tmp_path,
     # chunks of 2 steps (10 in all), a checkpoint at 6: its chunk is read and saved before the next is dispatched
     assert events == [("dispatch", 0), ("dispatch", 2), ("read", 0), ("dispatch", 4), ("read", 2), ("read", 4),
                       ("save", 6), ("dispatch", 6), ("dispatch", 8), ("read", 6), ("evaluate",), ("read", 8), ("save", 10)]
+
+
+def test_the_parser_is_built_from_the_configs_fields_with_their_defaults_and_rules():
+    from pureflax import config
+
+    script = load_script()
+    parser = script.build_parser()
+    assert script.configure(parser.parse_args([])) == config.TrainConfig().resolved()  # every default written once
+    offered = {action.dest for action in parser._actions}
+    for kind in (config.TrainConfig, config.OptimConfig):
+        for field in dataclasses.fields(kind):
+            if "help" in field.metadata:  # a setting: it has a flag unless it says it is hidden
+                assert (field.name in offered) != bool(field.metadata["flag"].get("hidden")), field.name
+    # the rule that refuses a flag is the one that refuses the setting in Python
+    with pytest.raises(config.SettingError, match="`warmup_steps` must be >= 0, got -1"):
+        config.OptimConfig(warmup_steps=-1)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--warmup-steps", "-1"])
+
+
+def test_help_and_flag_errors_answer_without_importing_jax():
+    code = ("import runpy, sys\nsys.argv = ['train.py', *sys.argv[1:]]\ntry:\n"
+            "    runpy.run_path('scripts/train.py', run_name='__main__')\nexcept SystemExit as exit:\n"
+            "    print('exit', exit.code, 'jax' in sys.modules)\n")
+    for args, status in ((["--help"], 0), (["--lr", "-1"], 2)):
+        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
+                                cwd=Path(__file__).parent.parent)
+        assert result.stdout.splitlines()[-1] == f"exit {status} False", (args, result.stdout, result.stderr)
