@@ -315,7 +315,14 @@ class RunFolder:
         """The state to train from (``like`` itself, or the latest good checkpoint restored into its form) and its position."""
         position, state, notes = Position.start(), like, []
         if self.resume:
-            functional, meta, notes = self._resume_point(to_functional(like))
+            # the primary sets damaged checkpoints aside first; the others then read the folder it leaves
+            if not self.primary:
+                distributed.barrier(f"pureflax-resume-point {self.out}")
+            try:
+                functional, meta, notes = self._resume_point(to_functional(like))
+            finally:  # also when it refuses: the others then find the same reason themselves
+                if self.primary:
+                    distributed.barrier(f"pureflax-resume-point {self.out}")
             state, position = from_functional(functional, like), Position(*meta["position"])
             self._check_length(position.step)
             self.saved = position.step
